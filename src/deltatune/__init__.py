@@ -1,0 +1,59 @@
+"""deltatune: parameter-efficient fine-tuning ("delta tuning") of pretrained transformers.
+
+    import deltatune as dt
+    dm = dt.attach(model, dt.LoraConfig(r=8))      # a DeltaModel with one LoRA delta
+    ...train...
+    dm.save_delta("my-delta")
+    dm2 = dt.load(fresh_model, "my-delta")
+"""
+
+from deltatune.core.config import LIBRARY_VERSION as __version__
+from deltatune.core.config import DeltaConfig, TargetedConfig
+from deltatune.core.errors import (
+    AdapterFileCorrupt,
+    BaseModelMismatchError,
+    ConfigError,
+    DataError,
+    DeltaStateError,
+    DeltaTuneError,
+    HyperparameterError,
+    MergeError,
+    ModelNotAvailableError,
+    NonFiniteError,
+    StrictLoadError,
+    TargetError,
+    UnknownMethodError,
+    UnsafeFileError,
+)
+from deltatune.core.model import DeltaModel, LoadReport, attach, load, read_delta_directory
+from deltatune.core.registry import config_from_dict, get_method, known_methods
+from deltatune.methods import LoraConfig
+
+__all__ = [
+    "AdapterFileCorrupt",
+    "BaseModelMismatchError",
+    "ConfigError",
+    "DataError",
+    "DeltaConfig",
+    "DeltaModel",
+    "DeltaStateError",
+    "DeltaTuneError",
+    "HyperparameterError",
+    "LoadReport",
+    "LoraConfig",
+    "MergeError",
+    "ModelNotAvailableError",
+    "NonFiniteError",
+    "StrictLoadError",
+    "TargetError",
+    "TargetedConfig",
+    "UnknownMethodError",
+    "UnsafeFileError",
+    "__version__",
+    "attach",
+    "config_from_dict",
+    "get_method",
+    "known_methods",
+    "load",
+    "read_delta_directory",
+]

@@ -1,0 +1,1 @@
+"""The spine every method plugs into: configs, registry, targets, layers, DeltaModel, files."""

@@ -1,0 +1,348 @@
+"""Wrappers that put named deltas around frozen modules.
+
+:class:`DeltaLayer` wraps one frozen module (``nn.Linear``, GPT-2's ``Conv1D``,
+``nn.Embedding``, ``nn.Conv2d``) and holds any number of named :class:`LayerDelta`
+objects. Its forward is the unified view of He et al. (2022):
+
+    x' = pre(x)            for deltas that rescale the input (IA3 on an FFN's input)
+    y  = base(x')
+    y  = post(x', y)       for every active delta: y + s * delta(x'), or l * y, ...
+
+Rows of one batch may use different deltas (``delta_names=[...]`` on the model); the
+routing lives here, once, for every method. :class:`ModuleCopy` gives each delta its own
+trainable copy of a whole module (a task head listed in ``modules_to_save``).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import copy
+from collections.abc import Sequence
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from deltatune.core.errors import DeltaStateError, MergeError, NonFiniteError
+
+# The per-row delta assignment of the batch being computed: one name (or None for the
+# base model) per row. Set by DeltaModel.forward/generate, read by every wrapper.
+_ROW_DELTAS: contextvars.ContextVar[tuple[str | None, ...] | None] = contextvars.ContextVar(
+    "deltatune_row_deltas", default=None
+)
+
+
+@contextmanager
+def row_deltas(names: Sequence[str | None] | None):
+    """Route batch row i through delta ``names[i]`` (None: the base) inside the context."""
+    token = _ROW_DELTAS.set(tuple(names) if names is not None else None)
+    try:
+        yield
+    finally:
+        _ROW_DELTAS.reset(token)
+
+
+def current_row_deltas(batch_size: int) -> tuple[str | None, ...] | None:
+    """Return the row assignment stretched to ``batch_size`` rows, or None when unset.
+
+    A batch larger than the assignment by a whole factor (beam search, or a model that
+    flattens batch and time) repeats each entry over consecutive rows.
+    """
+    names = _ROW_DELTAS.get()
+    if names is None:
+        return None
+    if batch_size == len(names):
+        return names
+    if len(names) and batch_size % len(names) == 0:
+        factor = batch_size // len(names)
+        return tuple(n for n in names for _ in range(factor))
+    raise DeltaStateError(f"delta_names has {len(names)} entries but a layer saw a batch of "
+                          f"{batch_size} rows; give one delta name per input row.")
+
+
+def layer_kind(module: nn.Module) -> str:
+    """Return 'linear', 'conv1d' (GPT-2's transposed linear), 'embedding' or 'conv2d'."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, Conv1D):
+        return "conv1d"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, nn.Conv2d):
+        return "conv2d"
+    raise TypeError(f"unsupported layer type {type(module).__name__}")
+
+
+def layer_dims(module: nn.Module) -> tuple[int, int]:
+    """Return (d_in, d_out) of a wrappable layer; for an embedding (vocab size, dim)."""
+    kind = layer_kind(module)
+    if kind == "linear":
+        return module.in_features, module.out_features
+    if kind == "conv1d":
+        d_in, d_out = module.weight.shape
+        return int(d_in), int(d_out)
+    if kind == "embedding":
+        return module.num_embeddings, module.embedding_dim
+    return module.in_channels * module.kernel_size[0] * module.kernel_size[1], module.out_channels
+
+
+class LayerDelta(nn.Module):
+    """One named delta on one wrapped layer. Subclasses hold the tensors and the math.
+
+    ``post_forward(x, y)`` returns the new output given the (possibly rescaled) input
+    and the base output; ``pre_forward(x)`` rescales the input and is only called when
+    ``modifies_input`` is True. For mergeable methods, :meth:`merge_into` returns the
+    merged (weight, bias) in float32, with the weight in the canonical orientation
+    (d_out, d_in) for linear layers and (vocab, dim) for embeddings.
+    """
+
+    modifies_input: ClassVar[bool] = False
+    mergeable: ClassVar[bool] = False
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.kind = layer_kind(base)
+        self.d_in, self.d_out = layer_dims(base)
+
+    def pre_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the input the base layer sees (identity unless ``modifies_input``)."""
+        return x
+
+    def post_forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Return the layer output with this delta composed onto the base output ``y``."""
+        return y
+
+    def merge_into(
+        self, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Return (weight, bias) with the delta folded in (float32, canonical orientation)."""
+        raise DeltaStateError(f"{type(self).__name__} cannot be merged into weights")
+
+
+def _canonical(weight: torch.Tensor, kind: str) -> torch.Tensor:
+    """Weight in (d_out, d_in) orientation: Conv1D stores (d_in, d_out)."""
+    return weight.t() if kind == "conv1d" else weight
+
+
+class DeltaLayer(nn.Module):
+    """A frozen module plus named deltas, composed in the unified view's order."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        self.deltas = nn.ModuleDict()
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        self.disabled = False
+        self.kind = layer_kind(base)
+        # Originals of merged tensors, kept to unmerge bit for bit (see merge()).
+        self._originals: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+
+    # -- forward -------------------------------------------------------------------
+    def _live(self) -> list[LayerDelta]:
+        return [self.deltas[n] for n in self.active if n not in self.merged]
+
+    def _run(self, deltas: Sequence[LayerDelta], x: torch.Tensor, args: tuple,
+             kwargs: dict) -> torch.Tensor:
+        for d in deltas:
+            if d.modifies_input:
+                x = d.pre_forward(x)
+        y = self.base(x, *args, **kwargs)
+        for d in deltas:
+            y = d.post_forward(x, y)
+        return y
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disabled:
+            return self.base(x, *args, **kwargs)
+        rows = current_row_deltas(x.shape[0]) if x.dim() > 0 else None
+        if rows is None:
+            return self._run(self._live(), x, args, kwargs)
+        if self.merged:
+            raise DeltaStateError("per-row delta selection needs unmerged deltas; call "
+                                  "unmerge() before passing delta_names")
+        return self._forward_per_row(x, rows, args, kwargs)
+
+    def _forward_per_row(self, x: torch.Tensor, rows: tuple[str | None, ...], args: tuple,
+                         kwargs: dict) -> torch.Tensor:
+        groups: dict[str | None, list[int]] = {}
+        for i, n in enumerate(rows):
+            groups.setdefault(n if n in self.deltas else None, []).append(i)
+        deltas = {n: self.deltas[n] for n in groups if n is not None}
+        if not any(d.modifies_input for d in deltas.values()):
+            # One base pass for the whole batch; each group adds its own delta.
+            y = self.base(x, *args, **kwargs)
+            out = y.clone()
+            for n, d in deltas.items():
+                idx = torch.tensor(groups[n], device=x.device)
+                out[idx] = d.post_forward(x[idx], y[idx])
+            return out
+        out = None
+        for n, index_list in groups.items():
+            idx = torch.tensor(index_list, device=x.device)
+            part = self._run([deltas[n]] if n is not None else [], x[idx], args, kwargs)
+            if out is None:
+                out = part.new_empty((x.shape[0], *part.shape[1:]))
+            out[idx] = part
+        return out
+
+    # -- merging -------------------------------------------------------------------
+    def _weight_and_bias(self) -> tuple[nn.Parameter, nn.Parameter | None]:
+        return self.base.weight, getattr(self.base, "bias", None)
+
+    def merge(self, name: str, *, check: bool = True, keep_original: bool = True) -> None:
+        """Fold delta ``name`` into the base weight (and bias) in the weight's own dtype.
+
+        With ``check`` the merged tensors must be finite and the merged layer must give
+        the unmerged output on a random probe batch, or nothing changes. With
+        ``keep_original`` the pre-merge tensors are kept on the CPU so that
+        :meth:`unmerge` restores them bit for bit.
+        """
+        if name in self.merged:
+            return
+        delta = self.deltas[name]
+        if not delta.mergeable:
+            raise MergeError(f"{type(delta).__name__} cannot be merged into the base weights")
+        weight, bias = self._weight_and_bias()
+        w32 = _canonical(weight.detach(), self.kind).float()
+        b32 = bias.detach().float() if bias is not None else None
+        with torch.no_grad():
+            new_w, new_b = delta.merge_into(w32, b32)
+        if check:
+            bad = [t for t, v in (("weight", new_w), ("bias", new_b))
+                   if v is not None and not torch.isfinite(v).all()]
+            if bad:
+                raise NonFiniteError(f"merging delta {name!r} would write NaN/inf into the base "
+                                     f"{' and '.join(bad)}; nothing was changed. Check the "
+                                     f"delta's tensors (they are not finite).")
+            self._probe(delta, name, new_w, new_b)
+        if keep_original:
+            self._originals.append((weight.detach().to("cpu", copy=True),
+                                    bias.detach().to("cpu", copy=True)
+                                    if bias is not None else None))
+        else:
+            self._originals.append(None)  # type: ignore[arg-type]
+        with torch.no_grad():
+            weight.copy_(_canonical(new_w, self.kind).to(weight.dtype))
+            if new_b is not None:
+                if bias is None:
+                    # The delta adds a bias the base layer did not have.
+                    self.base.bias = nn.Parameter(new_b.to(weight.dtype), requires_grad=False)
+                else:
+                    bias.copy_(new_b.to(bias.dtype))
+        self.merged.append(name)
+
+    def _probe(self, delta: LayerDelta, name: str, new_w: torch.Tensor,
+               new_b: torch.Tensor | None) -> None:
+        """Compare merged and unmerged outputs on a random batch; raise MergeError if apart.
+
+        ``new_w`` is in canonical orientation and float32.
+        """
+        if self.kind == "conv2d":
+            return
+        weight = self.base.weight
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        if self.kind == "embedding":
+            x = torch.randint(0, new_w.shape[0], (4, 8), generator=gen).to(weight.device)
+        else:
+            x = torch.randn(4, new_w.shape[1], generator=gen).to(weight.device, weight.dtype)
+        with torch.no_grad():
+            expected = self._run([delta], x, (), {}).float()
+            w = new_w.to(weight.dtype).float()
+            if self.kind == "embedding":
+                got = torch.nn.functional.embedding(x, w)
+            else:
+                got = torch.nn.functional.linear(x.float(), w)
+            if new_b is not None:
+                got = got + new_b.to(weight.dtype).float()
+        scale = expected.abs().max().clamp_min(1e-6)
+        tolerance = 3e-2 if weight.dtype in (torch.float16, torch.bfloat16) else 1e-4
+        err = ((got - expected).abs().max() / scale).item()
+        if not err <= tolerance:
+            raise MergeError(f"merged output of delta {name!r} differs from the unmerged output "
+                             f"by {err:.2e} (relative) on a probe batch, above {tolerance:g}; "
+                             f"nothing was changed.")
+
+    def forget_original(self, name: str) -> None:
+        """Drop the kept pre-merge copy of delta ``name`` (it can then not be unmerged)."""
+        self._originals[self.merged.index(name)] = None  # type: ignore[call-overload]
+
+    def unmerge(self, name: str | None = None) -> None:
+        """Undo merges, newest first, down to and including ``name`` (all when None)."""
+        while self.merged:
+            last = self.merged[-1]
+            original = self._originals.pop()
+            weight, bias = self._weight_and_bias()
+            with torch.no_grad():
+                if original is not None:
+                    w0, b0 = original
+                    weight.copy_(w0.to(weight.device))
+                    if b0 is not None:
+                        bias.copy_(b0.to(bias.device))
+                    elif bias is not None:
+                        self.base.bias = None
+                else:
+                    raise DeltaStateError(
+                        f"delta {last!r} was merged with keep_original=False, so it cannot "
+                        f"be taken out bit for bit; reload the base model instead.")
+            self.merged.pop()
+            if last == name:
+                break
+
+    # -- bookkeeping ----------------------------------------------------------------
+    def set_active(self, name: str, active: bool) -> None:
+        """Add ``name`` to, or remove it from, the deltas used in forward."""
+        if active and name not in self.active:
+            self.active.append(name)
+        elif not active and name in self.active:
+            if name in self.merged:
+                raise DeltaStateError(f"delta {name!r} is merged; unmerge it before "
+                                      f"deactivating it")
+            self.active.remove(name)
+
+    def remove(self, name: str) -> None:
+        """Delete delta ``name`` from this layer."""
+        if name in self.merged:
+            self.unmerge(name)
+        if name in self.active:
+            self.active.remove(name)
+        del self.deltas[name]
+
+
+class ModuleCopy(nn.Module):
+    """A frozen module and one trainable copy of it per delta (``modules_to_save``)."""
+
+    def __init__(self, original: nn.Module) -> None:
+        super().__init__()
+        self.original = original
+        self.copies = nn.ModuleDict()
+        self.active: list[str] = []
+        self.disabled = False
+
+    def add(self, name: str) -> nn.Module:
+        """Create the trainable copy for delta ``name`` and return it."""
+        clone = copy.deepcopy(self.original)
+        for p in clone.parameters():
+            p.requires_grad_(True)
+        self.copies[name] = clone
+        return clone
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        live = [n for n in self.active if n in self.copies]
+        if self.disabled or not live:
+            return self.original(*args, **kwargs)
+        first = args[0] if args else next(iter(kwargs.values()))
+        rows = current_row_deltas(first.shape[0]) if torch.is_tensor(first) else None
+        if rows is None:
+            return self.copies[live[-1]](*args, **kwargs)
+        outputs = None
+        for n in dict.fromkeys(rows):
+            idx = torch.tensor([i for i, r in enumerate(rows) if r == n], device=first.device)
+            module = self.copies[n] if n in self.copies else self.original  # noqa: SIM401
+            part = module(first[idx], *args[1:], **kwargs)
+            if outputs is None:
+                outputs = part.new_empty((first.shape[0], *part.shape[1:]))
+            outputs[idx] = part
+        return outputs
