@@ -140,6 +140,16 @@ class DeltaLayer(nn.Module):
         # Originals of merged tensors, kept to unmerge bit for bit (see merge()).
         self._originals: list[tuple[torch.Tensor, torch.Tensor | None]] = []
 
+    def __getattr__(self, name: str) -> Any:
+        # Model code reads attributes of the layer it called (`self.wo.weight.dtype`,
+        # `in_features`): answer them from the wrapped base layer.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base", "_modules", "_parameters", "_buffers"):
+                raise
+            return getattr(self._modules["base"], name)
+
     # -- forward -------------------------------------------------------------------
     def _live(self) -> list[LayerDelta]:
         return [self.deltas[n] for n in self.active if n not in self.merged]
@@ -320,6 +330,14 @@ class ModuleCopy(nn.Module):
         self.copies = nn.ModuleDict()
         self.active: list[str] = []
         self.disabled = False
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("original", "_modules", "_parameters", "_buffers"):
+                raise
+            return getattr(self._modules["original"], name)
 
     def add(self, name: str) -> nn.Module:
         """Create the trainable copy for delta ``name`` and return it."""
