@@ -401,15 +401,34 @@ class DeltaModel(nn.Module):
 
     def forward(self, *args: Any, delta_names: Sequence[str | None] | None = None,
                 **kwargs: Any) -> Any:
-        """Run the wrapped model; ``delta_names`` picks a delta (or None) per batch row."""
+        """Run the wrapped model; ``delta_names`` picks a delta (or None) per batch row.
+
+        In training mode, regularisers of the active deltas (``extra_loss``) are added to
+        the output's ``loss`` when the model computed one.
+        """
         with self._routing(delta_names):
-            return self.model(*args, **kwargs)
+            output = self.model(*args, **kwargs)
+        if self.training and getattr(output, "loss", None) is not None:
+            for n in self._active:
+                delta = self._deltas[n]
+                extra = delta.method.extra_loss(self.model, delta)
+                if extra is not None:
+                    output.loss = output.loss + extra
+        return output
 
     def generate(self, *args: Any, delta_names: Sequence[str | None] | None = None,
                  **kwargs: Any) -> Any:
         """Call the wrapped model's ``generate``; ``delta_names`` as in :meth:`forward`."""
         with self._routing(delta_names):
             return self.model.generate(*args, **kwargs)
+
+    def training_callbacks(self) -> list[Any]:
+        """Return the step callbacks of the active deltas (for a training loop)."""
+        out: list[Any] = []
+        for n in self._active:
+            delta = self._deltas[n]
+            out.extend(delta.method.training_callbacks(self.model, delta))
+        return out
 
     # -- parameters --------------------------------------------------------------------
     def delta_parameter_ids(self) -> set[int]:

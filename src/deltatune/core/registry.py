@@ -88,6 +88,14 @@ class DeltaMethod:
         """Bypass the delta while ``disabled`` (for the ``disabled()`` context)."""
         self.set_active(model, delta, not disabled)
 
+    def extra_loss(self, model: nn.Module, delta: AttachedDelta) -> Any:
+        """Return a regulariser added to the training loss (a scalar tensor), or None."""
+        return None
+
+    def training_callbacks(self, model: nn.Module, delta: AttachedDelta) -> list[Any]:
+        """Return the :class:`~deltatune.core.callbacks.StepCallback` objects training needs."""
+        return []
+
     def saved_tensors(self, model: nn.Module, delta: AttachedDelta) -> dict[str, Any]:
         """Return the tensors a save writes, by saved key (default: every delta tensor)."""
         return dict(delta.named_tensors())
