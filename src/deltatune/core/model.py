@@ -309,6 +309,16 @@ class DeltaModel(nn.Module):
         on a probe batch; on any failure nothing changes. ``keep_original`` keeps a CPU
         copy of each changed tensor so :meth:`unmerge` restores the base bit for bit.
         """
+        targets = self._mergeable(names)
+        for n in targets:
+            if self._deltas[n].info["copies"]:
+                raise MergeError(f"delta {n!r} carries trainable module copies "
+                                 f"({', '.join(self._deltas[n].info['copies'])}); use "
+                                 f"merge_and_unload()")
+        for n in targets:
+            self._merge_one(n, check=check, keep_original=keep_original)
+
+    def _mergeable(self, names: Sequence[str]) -> list[str]:
         targets = list(names) or list(self._active)
         if not targets:
             raise DeltaStateError("no delta to merge: none is active")
@@ -317,20 +327,18 @@ class DeltaModel(nn.Module):
             if not delta.method.mergeable:
                 raise MergeError(f"delta {n!r} ({delta.config.method}) cannot be merged into the "
                                  f"base weights: its computation is not a change of weights")
-            if delta.info["copies"]:
-                raise MergeError(f"delta {n!r} carries trainable module copies "
-                                 f"({', '.join(delta.info['copies'])}); use merge_and_unload()")
-        for n in targets:
-            delta = self._deltas[n]
-            if delta.merged:
-                warnings.warn(f"delta {n!r} is already merged; merge() did nothing",
-                              stacklevel=2)
-                continue
-            if n not in self._active:
-                self.activate(*self._active, n)
-            delta.method.merge(self.model, self._layer_parts(delta), check=check,
-                               keep_original=keep_original)
-            delta.merged = True
+        return targets
+
+    def _merge_one(self, name: str, *, check: bool, keep_original: bool) -> None:
+        delta = self._deltas[name]
+        if delta.merged:
+            warnings.warn(f"delta {name!r} is already merged; merge() did nothing", stacklevel=3)
+            return
+        if name not in self._active:
+            self.activate(*self._active, name)
+        delta.method.merge(self.model, self._layer_parts(delta), check=check,
+                           keep_original=keep_original)
+        delta.merged = True
 
     def unmerge(self, *names: str) -> None:
         """Take merged deltas (default: all merged) back out of the base weights."""
@@ -346,24 +354,14 @@ class DeltaModel(nn.Module):
 
         Module copies of the merged delta (a trained task head) replace the originals.
         """
-        targets = list(names) or list(self._active)
+        targets = self._mergeable(names)
         for n in targets:
-            delta = self.get_delta(n)
-            if not delta.method.mergeable:
-                raise MergeError(f"delta {n!r} ({delta.config.method}) cannot be merged")
-            saved = delta.info["copies"]
-            delta.info["copies"] = []
-            try:
-                if not delta.merged:
-                    self.merge(n, check=check, keep_original=False)
-            finally:
-                delta.info["copies"] = saved
+            if not self._deltas[n].merged:
+                self._merge_one(n, check=check, keep_original=False)
         for location in {loc for n in targets for loc in self._deltas[n].info["copies"]}:
             holder = get_submodule(self.model, location)
             owner = next(n for n in targets if n in holder.copies)
             set_submodule(self.model, location, holder.copies[owner])
-        for n in targets:
-            self._deltas[n].info["copies"] = []
         for location, module in list(self.model.named_modules()):
             if isinstance(module, DeltaLayer):
                 set_submodule(self.model, location, module.base)
