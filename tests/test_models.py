@@ -3,6 +3,7 @@ and the SmolLM2 GGUF -> safetensors cache (slow: real weights)."""
 
 from __future__ import annotations
 
+import shutil
 import time
 
 import pytest
@@ -249,6 +250,13 @@ def test_smollm2_conversion_reloads_with_identical_logits(monkeypatch, private_h
         return model, tok
 
     monkeypatch.setattr(models, "load_gguf", spy)
+    try:
+        _check_conversion(loaded, private_home)
+    finally:  # 538 MB: do not leave it in pytest's kept tmp directories
+        shutil.rmtree(private_home / "models", ignore_errors=True)
+
+
+def _check_conversion(loaded, private_home):
     path = models.prepare(SMOL)
     assert path == private_home / "models" / SMOL and len(loaded) == 1
     assert (path / "model.safetensors").is_file() and (path / "manifest.json").is_file()
