@@ -265,6 +265,21 @@ class CausalLMSFT(CausalLMBase):
         return {"input_ids": ids, "labels": labels, "prompt_len": prompt_len,
                 "references": refs}
 
+    def encode_prompt(self, prompt: str | list[dict[str, str]]) -> Example:
+        """The generation prompt for a user message (or a conversation ending with a user
+        turn), exactly as training renders it before the response; for :meth:`generate`."""
+        if isinstance(prompt, str):
+            row: Row = {self.prompt_column: prompt, self.response_column: ""}
+        else:
+            row = {self.messages_column: [*prompt, {"role": "assistant", "content": ""}]}
+        ids: list[int] = self._bos()
+        for text, supervised in self.segments(row):
+            if supervised:
+                break
+            ids.extend(self._tokens(text))
+        return {"input_ids": ids, "labels": [IGNORE] * len(ids), "prompt_len": len(ids),
+                "references": [""]}
+
     def _reference(self, row: Row) -> list[str]:
         if self.messages_column in row:
             last = [m["content"] for m in row[self.messages_column] if m["role"] == "assistant"]
