@@ -420,6 +420,20 @@ class DeltaModel(nn.Module):
         with self._routing(delta_names):
             return self.model.generate(*args, **kwargs)
 
+    def extra_loss(self) -> torch.Tensor | None:
+        """Return the summed regularisers of the active deltas (None when there are none).
+
+        ``forward`` adds this to the model's own loss in training mode; a training loop
+        that computes the loss itself from the logits adds it with this method.
+        """
+        total = None
+        for n in self._active:
+            delta = self._deltas[n]
+            extra = delta.method.extra_loss(self.model, delta)
+            if extra is not None:
+                total = extra if total is None else total + extra
+        return total
+
     def training_callbacks(self) -> list[Any]:
         """Return the step callbacks of the active deltas (for a training loop)."""
         out: list[Any] = []
