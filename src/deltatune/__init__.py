@@ -27,7 +27,7 @@ from deltatune.core.errors import (
 )
 from deltatune.core.model import DeltaModel, LoadReport, attach, load, read_delta_directory
 from deltatune.core.registry import config_from_dict, get_method, known_methods
-from deltatune.methods import LoraConfig
+from deltatune.methods import IA3Config, LoraConfig
 
 __all__ = [
     "AdapterFileCorrupt",
@@ -40,6 +40,7 @@ __all__ = [
     "DeltaTuneError",
     "HyperparameterError",
     "LoadReport",
+    "IA3Config",
     "LoraConfig",
     "MergeError",
     "ModelNotAvailableError",
