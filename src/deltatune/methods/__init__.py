@@ -2,9 +2,11 @@
 
 from deltatune.core.registry import register
 from deltatune.methods.ia3 import IA3, IA3Config
+from deltatune.methods.loha import LoHa, LoHaConfig
 from deltatune.methods.lora import Lora, LoraConfig
 
 register(Lora)
 register(IA3)
+register(LoHa)
 
-__all__ = ["IA3", "IA3Config", "Lora", "LoraConfig"]
+__all__ = ["IA3", "IA3Config", "LoHa", "LoHaConfig", "Lora", "LoraConfig"]
