@@ -27,7 +27,7 @@ from deltatune.core.errors import (
 )
 from deltatune.core.model import DeltaModel, LoadReport, attach, load, read_delta_directory
 from deltatune.core.registry import config_from_dict, get_method, known_methods
-from deltatune.methods import IA3Config, LoHaConfig, LoraConfig
+from deltatune.methods import IA3Config, KronABConfig, KronAConfig, LoHaConfig, LoraConfig
 
 __all__ = [
     "AdapterFileCorrupt",
@@ -41,6 +41,8 @@ __all__ = [
     "HyperparameterError",
     "LoadReport",
     "IA3Config",
+    "KronABConfig",
+    "KronAConfig",
     "LoHaConfig",
     "LoraConfig",
     "MergeError",

@@ -2,11 +2,19 @@
 
 from deltatune.core.registry import register
 from deltatune.methods.ia3 import IA3, IA3Config
+from deltatune.methods.krona import KronA, KronAB, KronABConfig, KronAConfig
 from deltatune.methods.loha import LoHa, LoHaConfig
 from deltatune.methods.lora import Lora, LoraConfig
 
 register(Lora)
 register(IA3)
 register(LoHa)
+register(KronA)
+register(KronAB)
 
-__all__ = ["IA3", "IA3Config", "LoHa", "LoHaConfig", "Lora", "LoraConfig"]
+__all__ = [
+    "IA3", "IA3Config",
+    "KronA", "KronAB", "KronABConfig", "KronAConfig",
+    "LoHa", "LoHaConfig",
+    "Lora", "LoraConfig",
+]
