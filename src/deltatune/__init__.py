@@ -27,9 +27,17 @@ from deltatune.core.errors import (
 )
 from deltatune.core.model import DeltaModel, LoadReport, attach, load, read_delta_directory
 from deltatune.core.registry import config_from_dict, get_method, known_methods
-from deltatune.methods import LoraConfig
+from deltatune.methods import (
+    AdaLoraConfig,
+    IA3Config,
+    KronABConfig,
+    KronAConfig,
+    LoHaConfig,
+    LoraConfig,
+)
 
 __all__ = [
+    "AdaLoraConfig",
     "AdapterFileCorrupt",
     "BaseModelMismatchError",
     "ConfigError",
@@ -40,6 +48,10 @@ __all__ = [
     "DeltaTuneError",
     "HyperparameterError",
     "LoadReport",
+    "IA3Config",
+    "KronABConfig",
+    "KronAConfig",
+    "LoHaConfig",
     "LoraConfig",
     "MergeError",
     "ModelNotAvailableError",

@@ -1,8 +1,23 @@
 """Every delta-tuning method, one file each. Registering a method is one line below."""
 
 from deltatune.core.registry import register
+from deltatune.methods.adalora import AdaLora, AdaLoraConfig
+from deltatune.methods.ia3 import IA3, IA3Config
+from deltatune.methods.krona import KronA, KronAB, KronABConfig, KronAConfig
+from deltatune.methods.loha import LoHa, LoHaConfig
 from deltatune.methods.lora import Lora, LoraConfig
 
 register(Lora)
+register(IA3)
+register(AdaLora)
+register(LoHa)
+register(KronA)
+register(KronAB)
 
-__all__ = ["Lora", "LoraConfig"]
+__all__ = [
+    "AdaLora", "AdaLoraConfig",
+    "IA3", "IA3Config",
+    "KronA", "KronAB", "KronABConfig", "KronAConfig",
+    "LoHa", "LoHaConfig",
+    "Lora", "LoraConfig",
+]
