@@ -27,7 +27,13 @@ from deltatune.core.errors import (
 )
 from deltatune.core.model import DeltaModel, LoadReport, attach, load, read_delta_directory
 from deltatune.core.registry import config_from_dict, get_method, known_methods
-from deltatune.methods import LoraConfig
+from deltatune.methods import (
+    HoulsbyConfig,
+    LoraConfig,
+    ParallelAdapterConfig,
+    PfeifferConfig,
+    UnifiedConfig,
+)
 
 __all__ = [
     "AdapterFileCorrupt",
@@ -38,15 +44,19 @@ __all__ = [
     "DeltaModel",
     "DeltaStateError",
     "DeltaTuneError",
+    "HoulsbyConfig",
     "HyperparameterError",
     "LoadReport",
     "LoraConfig",
     "MergeError",
     "ModelNotAvailableError",
     "NonFiniteError",
+    "ParallelAdapterConfig",
+    "PfeifferConfig",
     "StrictLoadError",
     "TargetError",
     "TargetedConfig",
+    "UnifiedConfig",
     "UnknownMethodError",
     "UnsafeFileError",
     "__version__",

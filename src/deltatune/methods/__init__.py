@@ -1,8 +1,19 @@
 """Every delta-tuning method, one file each. Registering a method is one line below."""
 
 from deltatune.core.registry import register
+from deltatune.methods.houlsby import Houlsby, HoulsbyConfig
 from deltatune.methods.lora import Lora, LoraConfig
+from deltatune.methods.parallel_adapter import ParallelAdapter, ParallelAdapterConfig
+from deltatune.methods.pfeiffer import Pfeiffer, PfeifferConfig
+from deltatune.methods.unified import UnifiedAdapter, UnifiedConfig
 
 register(Lora)
+register(UnifiedAdapter)
+register(Houlsby)
+register(Pfeiffer)
+register(ParallelAdapter)
 
-__all__ = ["Lora", "LoraConfig"]
+__all__ = [
+    "Houlsby", "HoulsbyConfig", "Lora", "LoraConfig", "ParallelAdapter", "ParallelAdapterConfig",
+    "Pfeiffer", "PfeifferConfig", "UnifiedAdapter", "UnifiedConfig",
+]
