@@ -28,6 +28,8 @@ from deltatune.core.errors import (
 from deltatune.core.model import DeltaModel, LoadReport, attach, load, read_delta_directory
 from deltatune.core.registry import config_from_dict, get_method, known_methods
 from deltatune.methods import (
+    BitFitConfig,
+    FullConfig,
     HoulsbyConfig,
     LoraConfig,
     ParallelAdapterConfig,
@@ -38,12 +40,14 @@ from deltatune.methods import (
 __all__ = [
     "AdapterFileCorrupt",
     "BaseModelMismatchError",
+    "BitFitConfig",
     "ConfigError",
     "DataError",
     "DeltaConfig",
     "DeltaModel",
     "DeltaStateError",
     "DeltaTuneError",
+    "FullConfig",
     "HoulsbyConfig",
     "HyperparameterError",
     "LoadReport",
