@@ -27,7 +27,7 @@ from deltatune.core.errors import (
 )
 from deltatune.core.model import DeltaModel, LoadReport, attach, load, read_delta_directory
 from deltatune.core.registry import config_from_dict, get_method, known_methods
-from deltatune.methods import LoraConfig
+from deltatune.methods import LoraConfig, PrefixTuningConfig
 
 __all__ = [
     "AdapterFileCorrupt",
@@ -44,6 +44,7 @@ __all__ = [
     "MergeError",
     "ModelNotAvailableError",
     "NonFiniteError",
+    "PrefixTuningConfig",
     "StrictLoadError",
     "TargetError",
     "TargetedConfig",

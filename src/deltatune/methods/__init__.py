@@ -2,7 +2,9 @@
 
 from deltatune.core.registry import register
 from deltatune.methods.lora import Lora, LoraConfig
+from deltatune.methods.prefix import PrefixTuning, PrefixTuningConfig
 
 register(Lora)
+register(PrefixTuning)
 
-__all__ = ["Lora", "LoraConfig"]
+__all__ = ["Lora", "LoraConfig", "PrefixTuning", "PrefixTuningConfig"]
