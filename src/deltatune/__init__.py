@@ -27,7 +27,7 @@ from deltatune.core.errors import (
 )
 from deltatune.core.model import DeltaModel, LoadReport, attach, load, read_delta_directory
 from deltatune.core.registry import config_from_dict, get_method, known_methods
-from deltatune.methods import LoraConfig, PrefixTuningConfig
+from deltatune.methods import LoraConfig, PrefixTuningConfig, PromptTuningConfig
 
 __all__ = [
     "AdapterFileCorrupt",
@@ -45,6 +45,7 @@ __all__ = [
     "ModelNotAvailableError",
     "NonFiniteError",
     "PrefixTuningConfig",
+    "PromptTuningConfig",
     "StrictLoadError",
     "TargetError",
     "TargetedConfig",

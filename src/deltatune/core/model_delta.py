@@ -362,11 +362,35 @@ class InputEdit:
     inserted: torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     label_per_token: bool = False
+    # The other call arguments (decoder inputs, labels of enc-dec models...).
+    others: dict[str, Any] = field(default_factory=dict)
+    # The caller's ids as generate must return them (rows repeated with the batch).
+    source_ids: torch.Tensor | None = None
 
     @property
     def batch(self) -> int:
         """Number of rows."""
         return self.inputs_embeds.shape[0]
+
+    def repeat_rows(self, n: int) -> None:
+        """Repeat every row ``n`` times (row i becomes rows i*n .. i*n+n-1), in all inputs.
+
+        Used by prompt ensembling: each copy of a row gets another prompt.
+        """
+        b = self.batch
+
+        def rep(t: Any) -> Any:
+            if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == b:
+                return t.repeat_interleave(n, dim=0)
+            return t
+
+        for name in ("inputs_embeds", "attention_mask", "input_ids", "labels", "token_type_ids",
+                     "position_ids", "inserted", "source_ids"):
+            setattr(self, name, rep(getattr(self, name)))
+        for key, value in list(self.others.items()):
+            self.others[key] = rep(value)
+        for key, value in list(self.extra.items()):
+            self.extra[key] = rep(value)
 
     def prepend(self, embeds: torch.Tensor) -> None:
         """Put ``embeds`` ((batch or 1) x P x d) in front of every row, visible to all."""
@@ -529,7 +553,7 @@ def _is_decoder_only(model: nn.Module) -> bool:
     if cfg is None or _is_encoder_decoder(model):
         return False
     can = getattr(model, "can_generate", None)
-    return bool(cfg.is_decoder or (callable(can) and can()))
+    return bool(getattr(cfg, "is_decoder", False) or (callable(can) and can()))
 
 
 Call = tuple[tuple[Any, ...], dict[str, Any], "torch.Tensor | None"]
@@ -573,18 +597,21 @@ def edit_call(dm: DeltaModel, args: tuple[Any, ...], kwargs: dict[str, Any], *,
         raise ConfigError(f"attention_mask has shape {tuple(mask.shape)}, the inputs are "
                           f"{(b, n)}; prompt deltas need a 2-D padding mask")
     labels = kwargs.get("labels")
+    # Per-token labels (causal LM, token classification) line up with the inputs and
+    # get -100 on inserted positions; others (a class, enc-dec targets) stay as they are.
     per_token = (labels is not None and labels.dim() == 2 and labels.shape[1] == n
                  and not _is_encoder_decoder(model))
     edit = InputEdit(inputs_embeds=embeds, attention_mask=mask, input_ids=ids,
-                     labels=labels, token_type_ids=kwargs.pop("token_type_ids", None),
+                     labels=kwargs.pop("labels") if per_token else None, token_type_ids=kwargs.pop("token_type_ids", None),
                      position_ids=kwargs.pop("position_ids", None),
                      inserted=torch.zeros(b, n, dtype=torch.bool, device=embeds.device),
-                     extra=extra, label_per_token=per_token)
+                     extra=extra, label_per_token=per_token, others=kwargs, source_ids=ids)
     for part in editors:
         part.edit_inputs(edit)
+    kwargs = edit.others
     kwargs["inputs_embeds"] = edit.inputs_embeds
     kwargs["attention_mask"] = edit.attention_mask
-    if labels is not None:
+    if per_token:
         kwargs["labels"] = edit.labels
     if edit.token_type_ids is not None:
         kwargs["token_type_ids"] = edit.token_type_ids
@@ -595,7 +622,7 @@ def edit_call(dm: DeltaModel, args: tuple[Any, ...], kwargs: dict[str, Any], *,
         # As generate does: positions count real tokens, so left padding changes nothing.
         pos = edit.attention_mask.long().cumsum(-1) - 1
         kwargs["position_ids"] = pos.masked_fill(edit.attention_mask == 0, 1)
-    return args, kwargs, ids
+    return args, kwargs, edit.source_ids
 
 
 def restore_generated(model: nn.Module, output: Any, ids: torch.Tensor | None) -> Any:
