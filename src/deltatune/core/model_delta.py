@@ -602,7 +602,8 @@ def edit_call(dm: DeltaModel, args: tuple[Any, ...], kwargs: dict[str, Any], *,
     per_token = (labels is not None and labels.dim() == 2 and labels.shape[1] == n
                  and not _is_encoder_decoder(model))
     edit = InputEdit(inputs_embeds=embeds, attention_mask=mask, input_ids=ids,
-                     labels=kwargs.pop("labels") if per_token else None, token_type_ids=kwargs.pop("token_type_ids", None),
+                     labels=kwargs.pop("labels") if per_token else None,
+                     token_type_ids=kwargs.pop("token_type_ids", None),
                      position_ids=kwargs.pop("position_ids", None),
                      inserted=torch.zeros(b, n, dtype=torch.bool, device=embeds.device),
                      extra=extra, label_per_token=per_token, others=kwargs, source_ids=ids)
