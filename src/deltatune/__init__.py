@@ -39,6 +39,8 @@ from deltatune.methods import (
     LoraConfig,
     ParallelAdapterConfig,
     PfeifferConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
     UnifiedConfig,
 )
 
@@ -73,6 +75,8 @@ __all__ = [
     "UnifiedConfig",
     "UnknownMethodError",
     "UnsafeFileError",
+    "PrefixTuningConfig",
+    "PromptTuningConfig",
     "__version__",
     "attach",
     "config_from_dict",

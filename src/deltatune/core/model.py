@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltatune.core import io
+from deltatune.core import io, model_delta
 from deltatune.core.config import LIBRARY_VERSION, DeltaConfig
 from deltatune.core.errors import (
     AdapterFileCorrupt,
@@ -404,6 +404,7 @@ class DeltaModel(nn.Module):
         In training mode, regularisers of the active deltas (``extra_loss``) are added to
         the output's ``loss`` when the model computed one.
         """
+        args, kwargs, _ = model_delta.edit_call(self, args, kwargs)
         with self._routing(delta_names):
             output = self.model(*args, **kwargs)
         if self.training and getattr(output, "loss", None) is not None:
@@ -417,8 +418,10 @@ class DeltaModel(nn.Module):
     def generate(self, *args: Any, delta_names: Sequence[str | None] | None = None,
                  **kwargs: Any) -> Any:
         """Call the wrapped model's ``generate``; ``delta_names`` as in :meth:`forward`."""
+        args, kwargs, ids = model_delta.edit_call(self, args, kwargs, generate=True)
         with self._routing(delta_names):
-            return self.model.generate(*args, **kwargs)
+            output = self.model.generate(*args, **kwargs)
+        return model_delta.restore_generated(self.model, output, ids)
 
     def extra_loss(self) -> torch.Tensor | None:
         """Return the summed regularisers of the active deltas (None when there are none).

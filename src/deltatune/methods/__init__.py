@@ -11,6 +11,8 @@ from deltatune.methods.loha import LoHa, LoHaConfig
 from deltatune.methods.lora import Lora, LoraConfig
 from deltatune.methods.parallel_adapter import ParallelAdapter, ParallelAdapterConfig
 from deltatune.methods.pfeiffer import Pfeiffer, PfeifferConfig
+from deltatune.methods.prefix import PrefixTuning, PrefixTuningConfig
+from deltatune.methods.prompt import PromptTuning, PromptTuningConfig
 from deltatune.methods.unified import UnifiedAdapter, UnifiedConfig
 
 register(Lora)
@@ -25,6 +27,8 @@ register(Pfeiffer)
 register(ParallelAdapter)
 register(BitFit)
 register(FullFineTune)
+register(PrefixTuning)
+register(PromptTuning)
 
 __all__ = [
     "AdaLora", "AdaLoraConfig",
@@ -37,5 +41,7 @@ __all__ = [
     "Lora", "LoraConfig",
     "ParallelAdapter", "ParallelAdapterConfig",
     "Pfeiffer", "PfeifferConfig",
+    "PrefixTuning", "PrefixTuningConfig",
+    "PromptTuning", "PromptTuningConfig",
     "UnifiedAdapter", "UnifiedConfig",
 ]
