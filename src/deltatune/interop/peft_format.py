@@ -17,6 +17,7 @@ the safetensors metadata (PEFT ignores it), so it gets the full check.
 from __future__ import annotations
 
 import difflib
+import importlib
 import json
 import re
 import warnings
@@ -85,6 +86,9 @@ class PeftMapping:
     to_ours: Callable[[dict[str, Any], dict[str, torch.Tensor]], Converted]
     to_peft: Callable[[nn.Module, AttachedDelta, dict[str, torch.Tensor]],
                       tuple[dict[str, Any], dict[str, torch.Tensor]]]
+    # Optional: adjust the converted tensors/config once the model is known (after the
+    # checks, before attaching), e.g. where our layout of a tensor depends on the layer.
+    fit_to_model: Callable[[nn.Module, Converted], None] | None = None
 
 
 MAPPINGS: dict[str, PeftMapping] = {}
@@ -96,9 +100,21 @@ def register_mapping(mapping: PeftMapping) -> PeftMapping:
     return mapping
 
 
+# deltatune method -> the module of this package holding its PEFT mapping. A mapping is
+# imported only when its method is registered (methods land one by one).
+MAPPING_MODULES = {"lora": "peft_lora", "ia3": "peft_ia3", "loha": "peft_loha",
+                   "adalora": "peft_adalora", "prompt_tuning": "peft_prompt",
+                   "prefix_tuning": "peft_prompt", "p_tuning": "peft_prompt"}
+
+
 def _ensure_loaded() -> None:
     # Importing the mapping modules runs their register lines.
-    import deltatune.interop.peft_lora  # noqa: F401
+    from deltatune.core.registry import known_methods
+
+    registered = set(known_methods())
+    for method, module in MAPPING_MODULES.items():
+        if method in registered:
+            importlib.import_module(f"deltatune.interop.{module}")
 
 
 def mapping_for_peft_type(peft_type: Any, source: str = "") -> PeftMapping:
@@ -243,7 +259,8 @@ def read_peft_directory(directory: str | Path, *, allow_nonfinite: bool = False,
         card.setdefault("base_model_name", peft_config["base_model_name_or_path"])
     payload = {
         "format": "peft",
-        "library_version": peft_config.get("peft_version") or LIBRARY_VERSION,
+        "library_version": LIBRARY_VERSION,
+        "peft_version": peft_config.get("peft_version"),
         "name": metadata.get(META_NAME) or "default",
         "config": converted.config.to_dict(),
         "base_model": fingerprint,
@@ -254,6 +271,8 @@ def read_peft_directory(directory: str | Path, *, allow_nonfinite: bool = False,
 
     def check_model(model: nn.Module, level: str) -> None:
         check_against_model(model, converted, peft_config, level=level, source=source)
+        if mapping.fit_to_model is not None:
+            mapping.fit_to_model(model, converted)
 
     return SavedDelta(directory, payload, converted.config, converted.tensors, check_model)
 
