@@ -58,7 +58,8 @@ META_CARD = "deltatune.card"
 class Converted:
     """A PEFT adapter turned into deltatune terms (config + our tensor keys).
 
-    ``layer_dims`` maps each adapted module to the (d_in, d_out) its tensors imply;
+    ``layer_dims`` maps each adapted module to the (d_in, d_out) its tensors imply (None
+    where they do not say);
     ``copies`` lists modules saved in full (``modules_to_save``); ``base_copies`` holds
     full copies of base weights that PEFT sometimes saves (embeddings after a vocabulary
     resize), which must equal the model's own weights to be dropped.
@@ -66,7 +67,7 @@ class Converted:
 
     config: DeltaConfig
     tensors: dict[str, torch.Tensor]
-    layer_dims: dict[str, tuple[int, int]] = field(default_factory=dict)
+    layer_dims: dict[str, tuple[int | None, int | None]] = field(default_factory=dict)
     copies: list[str] = field(default_factory=list)
     base_copies: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -187,6 +188,79 @@ def split_copy_keys(keys: list[str], patterns: list[str]) -> dict[str, str]:
                 out[key] = prefix
                 break
     return out
+
+
+# PEFT adds these heads to modules_to_save itself for classification task types.
+TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"],
+              "QUESTION_ANS": ["qa_outputs"]}
+
+
+def split_other_tensors(rest: dict[str, torch.Tensor], peft_config: dict[str, Any]
+                        ) -> tuple[dict[str, torch.Tensor], list[str], dict[str, torch.Tensor]]:
+    """Sort the tensors that are not the method's own.
+
+    Returns (module-copy tensors under our keys, the copied module paths, full copies of
+    base weights). Copies are the ``modules_to_save`` of the config (plus the heads PEFT
+    adds for classification tasks); anything else is a base weight PEFT saved
+    (``<m>.base_layer.weight`` is reported as ``<m>.weight``).
+    """
+    patterns = list(peft_config.get("modules_to_save") or [])
+    patterns += TASK_HEADS.get(str(peft_config.get("task_type")), [])
+    owners = split_copy_keys(list(rest), patterns)
+    base_copies = {k.replace(".base_layer.", "."): v for k, v in rest.items()
+                   if k not in owners}
+    return {k: rest[k] for k in owners}, sorted(set(owners.values())), base_copies
+
+
+def copy_tensors_to_peft(tensors: dict[str, torch.Tensor], copies: list[str]
+                         ) -> dict[str, torch.Tensor]:
+    """Return the module-copy tensors among ``tensors`` under PEFT's keys."""
+    return {PEFT_PREFIX + k: v for k, v in tensors.items()
+            if any(k.startswith(c + ".") for c in copies)}
+
+
+def peft_targets(model: nn.Module, locations: list[str]) -> list[str]:
+    """Leaf names (``["q_proj", "v_proj"]``) when PEFT would select exactly ``locations``
+    from them, else the full module paths.
+
+    Serving engines (vLLM, TGI, LoRAX) expect leaf names; full paths are always exact.
+    """
+    from deltatune.core.targets import iter_candidate_modules
+
+    leaves = sorted({loc.rsplit(".", 1)[-1] for loc in locations})
+    selected = {n for n, _ in iter_candidate_modules(model)
+                if any(n == leaf or n.endswith("." + leaf) for leaf in leaves)}
+    return leaves if selected == set(locations) else list(locations)
+
+
+def task_type_of(model: nn.Module) -> str | None:
+    """PEFT's ``task_type`` for a model class (``LlamaForCausalLM`` -> ``CAUSAL_LM``)."""
+    cls = type(model).__name__
+    for marker, task in (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"),
+                         ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
+                         ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
+                         ("ForSequenceClassification", "SEQ_CLS"),
+                         ("ForTokenClassification", "TOKEN_CLS"),
+                         ("ForQuestionAnswering", "QUESTION_ANS")):
+        if marker in cls:
+            return task
+    return None
+
+
+def common_peft_config(model: nn.Module, peft_type: str, copies: list[str]) -> dict[str, Any]:
+    """The keys every PEFT config has: type, task, base model, ``modules_to_save``."""
+    name_or_path = getattr(getattr(model, "config", None), "_name_or_path", "") or None
+    return {
+        "peft_type": peft_type,
+        "task_type": task_type_of(model),
+        "auto_mapping": {"base_model_class": type(model).__name__,
+                         "parent_library": type(model).__module__},
+        "base_model_name_or_path": name_or_path,
+        "revision": None,
+        "inference_mode": True,
+        "modules_to_save": copies or None,
+        "exclude_modules": None,
+    }
 
 
 # -- reading ------------------------------------------------------------------------------
@@ -349,7 +423,7 @@ def check_against_model(model: nn.Module, converted: Converted, peft_config: dic
                 raise BaseModelMismatchError(
                     f"{source}: module {loc!r} is a {type(module).__name__} here, which the "
                     f"adapter cannot sit on; {fix}.") from None
-            if (found_in, found_out) != (d_in, d_out):
+            if (d_in not in (None, found_in)) or (d_out not in (None, found_out)):
                 what = "vocabulary x dim" if layer_kind(module) == "embedding" else "in x out"
                 raise BaseModelMismatchError(
                     f"{source}: module {loc!r} is {found_in} x {found_out} ({what}) in this "

@@ -26,15 +26,17 @@ from torch import nn
 
 from deltatune.core.errors import AdapterFileCorrupt, ConfigError
 from deltatune.core.registry import AttachedDelta
-from deltatune.core.targets import iter_candidate_modules
 from deltatune.interop.peft_format import (
     PEFT_PREFIX,
     Converted,
     PeftMapping,
+    common_peft_config,
+    copy_tensors_to_peft,
     peft_pattern_value,
+    peft_targets,
     refuse_options,
     register_mapping,
-    split_copy_keys,
+    split_other_tensors,
 )
 from deltatune.methods.lora import LoraConfig, _pattern_value
 
@@ -59,9 +61,6 @@ _SUFFIXES = (
     (".lora_A.weight", "A"), (".lora_B.weight", "B"),
     (".lora_embedding_A", "A"), (".lora_embedding_B", "B"),
 )
-# PEFT adds these heads to modules_to_save itself for classification task types.
-_TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"],
-               "QUESTION_ANS": ["qa_outputs"]}
 
 
 def lora_from_peft(peft_config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Converted:
@@ -116,14 +115,8 @@ def lora_from_peft(peft_config: dict[str, Any], tensors: dict[str, torch.Tensor]
             alpha_pattern[loc] = float(alpha)
         ours[f"{loc}.lora_A"], ours[f"{loc}.lora_B"] = A, B
         dims[loc] = (int(A.shape[1]), int(B.shape[0]))
-    patterns = list(peft_config.get("modules_to_save") or [])
-    patterns += _TASK_HEADS.get(str(peft_config.get("task_type")), [])
-    owners = split_copy_keys(list(rest), patterns)
-    copies = sorted(set(owners.values()))
-    # PEFT names a wrapped layer's own weight `<m>.base_layer.weight`.
-    base_copies = {k.replace(".base_layer.", "."): v for k, v in rest.items()
-                   if k not in owners}
-    ours.update({k: rest[k] for k in owners})
+    copy_tensors, copies, base_copies = split_other_tensors(rest, peft_config)
+    ours.update(copy_tensors)
     config = LoraConfig(
         r=int(r_default), lora_alpha=float(alpha_default),
         lora_dropout=float(peft_config.get("lora_dropout") or 0.0),
@@ -131,37 +124,6 @@ def lora_from_peft(peft_config: dict[str, Any], tensors: dict[str, torch.Tensor]
         target_modules=sorted(pairs), modules_to_save=copies,
         rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
     return Converted(config, ours, dims, copies, base_copies)
-
-
-def _peft_targets(model: nn.Module, locations: list[str]) -> list[str]:
-    """Leaf names (``["q_proj", "v_proj"]``) when PEFT would select exactly ``locations``
-    from them, else the full module paths.
-
-    Serving engines (vLLM, TGI, LoRAX) expect leaf names; full paths are always exact.
-    """
-    leaves = sorted({loc.rsplit(".", 1)[-1] for loc in locations})
-    selected = {n for n, _ in iter_candidate_modules(model)
-                if any(n == leaf or n.endswith("." + leaf) for leaf in leaves)}
-    return leaves if selected == set(locations) else list(locations)
-
-
-def _task_type(model: nn.Module) -> str | None:
-    cls = type(model).__name__
-    for marker, task in (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"),
-                         ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
-                         ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
-                         ("ForSequenceClassification", "SEQ_CLS"),
-                         ("ForTokenClassification", "TOKEN_CLS"),
-                         ("ForQuestionAnswering", "QUESTION_ANS")):
-        if marker in cls:
-            return task
-    return None
-
-
-def auto_mapping(model: nn.Module) -> dict[str, str]:
-    """PEFT's ``auto_mapping`` entry: the base model's class and module."""
-    return {"base_model_class": type(model).__name__,
-            "parent_library": type(model).__module__}
 
 
 def lora_to_peft(model: nn.Module, delta: AttachedDelta, tensors: dict[str, torch.Tensor]
@@ -187,24 +149,14 @@ def lora_to_peft(model: nn.Module, delta: AttachedDelta, tensors: dict[str, torc
         alpha = _pattern_value(config.alpha_pattern, loc, config.lora_alpha)
         if alpha != config.lora_alpha:
             alpha_pattern[loc] = alpha
-    for key, tensor in tensors.items():
-        if any(key.startswith(c + ".") for c in copies):
-            out[PEFT_PREFIX + key] = tensor
-    name_or_path = getattr(getattr(model, "config", None), "_name_or_path", "") or None
+    out.update(copy_tensors_to_peft(tensors, copies))
     peft_config = {
-        "peft_type": "LORA",
-        "task_type": _task_type(model),
-        "auto_mapping": auto_mapping(model),
-        "base_model_name_or_path": name_or_path,
-        "revision": None,
-        "inference_mode": True,
+        **common_peft_config(model, "LORA", copies),
         "r": config.r,
         "lora_alpha": config.lora_alpha,
         "lora_dropout": config.lora_dropout,
         "use_rslora": config.use_rslora,
-        "target_modules": _peft_targets(model, list(layers)),
-        "exclude_modules": None,
-        "modules_to_save": copies or None,
+        "target_modules": peft_targets(model, list(layers)),
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "fan_in_fan_out": conv1d,
