@@ -27,6 +27,7 @@ from deltatune.core.errors import (
 )
 from deltatune.core.model import DeltaModel, LoadReport, attach, load, read_delta_directory
 from deltatune.core.registry import config_from_dict, get_method, known_methods
+from deltatune.interop import export_merged, load_peft
 from deltatune.methods import (
     AdaLoraConfig,
     BitFitConfig,
@@ -80,8 +81,10 @@ __all__ = [
     "__version__",
     "attach",
     "config_from_dict",
+    "export_merged",
     "get_method",
     "known_methods",
     "load",
+    "load_peft",
     "read_delta_directory",
 ]
