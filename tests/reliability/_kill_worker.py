@@ -11,6 +11,7 @@ old version, the complete new version, or broken. Prints one JSON line of counts
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -22,8 +23,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
-
-import contextlib
 
 from deltatune.core import io
 from deltatune.core.model import DeltaModel, read_delta_directory
@@ -82,9 +81,14 @@ def main() -> None:
     failures: list[str] = []
     leftovers = stale_seen = 0
     for i in range(n):
-        which = "new" if i % 2 == 0 else "old"
-        fallback = (i // 2) % 2 == 1
+        # Each stage is hit while saving "new" over "old" and "old" over "new", with
+        # the exchange and with the fallback; random-time kills alternate the same way.
+        cycle = i // len(stages)
+        which = "new" if cycle % 2 == 0 else "old"
+        fallback = (cycle // 2) % 2 == 1
         stage = stages[i % len(stages)] if i < n // 2 else None
+        if stage is None:
+            which, fallback = ("new" if i % 2 == 0 else "old"), (i // 2) % 2 == 1
         pid = os.fork()
         if pid == 0:  # the child: save, maybe kill itself at `stage`
             if fallback:

@@ -43,7 +43,7 @@ def test_sigkill_at_any_point_leaves_old_or_new_200_times(tmp_path):
                        "mid-write:manifest.json", "written:delta.safetensors",
                        "written:delta_config.json"}
     assert expected_stages <= set(result["killed_at"]), result["killed_at"]
-    assert result["killed_at"].get("random-time", 0) >= 50
+    assert result["killed_at"].get("random-time", 0) >= 25
     # Killed writers left temporary directories, and reading collected all of them.
     assert result["stale_temp_dirs_seen"] > 0
     assert result["leftover_temp_dirs"] == 0
