@@ -568,7 +568,9 @@ class DeltaModel(nn.Module):
         Everything is checked before the model changes: the manifest (sizes and sha256),
         the config, the tensors' finiteness, the base-model fingerprint (``check_base``:
         'strict', 'shapes' or 'off'), and the exact key set (``strict``). On failure the
-        model is left as it was. Returns the delta's name.
+        model is left as it was. Returns the delta's name; the :class:`LoadReport`
+        (what ``strict=False`` let through, and every dtype cast) is kept in
+        ``get_delta(name).info["load_report"]``.
         """
         directory = Path(directory)
         saved = read_delta_directory(directory, allow_nonfinite=allow_nonfinite)
@@ -593,12 +595,14 @@ class DeltaModel(nn.Module):
         previous_active = list(self._active)
         self.add(name, config, activate=False, trainable=trainable, dtype=dtype or file_dtype)
         try:
-            self.load_delta_state_dict(tensors, name, strict=strict)
+            report = self.load_delta_state_dict(tensors, name, strict=strict)
         except BaseException:
             self.delete(name)
             self.activate(*previous_active)
             raise
         self._deltas[name].info["source"] = str(directory)
+        # What strict=False let through (extra, missing, mismatched keys, casts).
+        self._deltas[name].info["load_report"] = report
         self._deltas[name].info["card"] = payload.get("card") or {}
         if activate:
             self.activate(name)
