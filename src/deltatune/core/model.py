@@ -37,6 +37,7 @@ from deltatune.core.errors import (
 )
 from deltatune.core.fingerprint import base_fingerprint, check_fingerprint
 from deltatune.core.layers import DeltaLayer, LayerDelta, ModuleCopy, row_deltas
+from deltatune.core.payload import check_payload
 from deltatune.core.registry import AttachedDelta, config_from_dict, get_method
 from deltatune.core.targets import get_submodule, iter_candidate_modules, set_submodule
 
@@ -661,9 +662,8 @@ def read_delta_directory(directory: str | Path, *, allow_nonfinite: bool = False
                                  "load it with peft, or save it again with deltatune")
     io.verify_manifest(directory)
     payload = io.read_json(directory / CONFIG_FILE, what="delta config")
-    if payload.get("format") != FORMAT_NAME or not isinstance(payload.get("config"), dict):
-        raise AdapterFileCorrupt(directory / CONFIG_FILE,
-                                 f"not a deltatune delta config (format {payload.get('format')!r})")
+    check_payload(directory / CONFIG_FILE, payload, format_name=FORMAT_NAME,
+                  format_version=FORMAT_VERSION)
     try:
         config = config_from_dict(payload["config"])
     except ConfigError as exc:
