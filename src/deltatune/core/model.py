@@ -37,6 +37,7 @@ from deltatune.core.errors import (
 )
 from deltatune.core.fingerprint import base_fingerprint, check_fingerprint
 from deltatune.core.layers import DeltaLayer, LayerDelta, ModuleCopy, row_deltas
+from deltatune.core.payload import check_payload
 from deltatune.core.registry import AttachedDelta, config_from_dict, get_method
 from deltatune.core.targets import get_submodule, iter_candidate_modules, set_submodule
 
@@ -599,7 +600,8 @@ class DeltaModel(nn.Module):
         'strict', 'shapes' or 'off'), and the exact key set (``strict``). On failure the
         model is left as it was. A Hugging Face PEFT adapter directory is accepted too
         (``allow_pickle`` admits a legacy ``adapter_model.bin``, with a warning). Returns
-        the delta's name.
+        the delta's name; the :class:`LoadReport` (what ``strict=False`` let through, and
+        every dtype cast) is kept in ``get_delta(name).info["load_report"]``.
         """
         directory = Path(directory)
         saved = read_delta_directory(directory, allow_nonfinite=allow_nonfinite,
@@ -627,12 +629,14 @@ class DeltaModel(nn.Module):
         previous_active = list(self._active)
         self.add(name, config, activate=False, trainable=trainable, dtype=dtype or file_dtype)
         try:
-            self.load_delta_state_dict(tensors, name, strict=strict)
+            report = self.load_delta_state_dict(tensors, name, strict=strict)
         except BaseException:
             self.delete(name)
             self.activate(*previous_active)
             raise
         self._deltas[name].info["source"] = str(directory)
+        # What strict=False let through (extra, missing, mismatched keys, casts).
+        self._deltas[name].info["load_report"] = report
         self._deltas[name].info["card"] = payload.get("card") or {}
         if activate:
             self.activate(name)
@@ -698,9 +702,8 @@ def read_delta_directory(directory: str | Path, *, allow_nonfinite: bool = False
     io.refuse_pickles(directory)
     io.verify_manifest(directory)
     payload = io.read_json(directory / CONFIG_FILE, what="delta config")
-    if payload.get("format") != FORMAT_NAME or not isinstance(payload.get("config"), dict):
-        raise AdapterFileCorrupt(directory / CONFIG_FILE,
-                                 f"not a deltatune delta config (format {payload.get('format')!r})")
+    check_payload(directory / CONFIG_FILE, payload, format_name=FORMAT_NAME,
+                  format_version=FORMAT_VERSION)
     try:
         config = config_from_dict(payload["config"])
     except ConfigError as exc:
