@@ -217,7 +217,9 @@ class Trainer:
     @staticmethod
     def _enable_gradient_checkpointing(model: torch.nn.Module) -> None:
         inner = getattr(model, "model", model)
-        enable = getattr(inner, "gradient_checkpointing_enable", None)
+        # transformers 5 renamed it; the old name still works but warns
+        enable = getattr(inner, "activation_checkpointing_enable", None) or \
+            getattr(inner, "gradient_checkpointing_enable", None)
         if enable is None:
             raise ConfigError(f"{type(inner).__name__} does not support gradient checkpointing "
                               f"(no gradient_checkpointing_enable)",
