@@ -163,7 +163,11 @@ class Trainer:
         self.train_stats = task.stats
         self.eval_examples = (task.encode_rows(eval_data, "evaluation data")
                               if eval_data is not None else None)
-        self.accelerator = Accelerator(mixed_precision=self.config.mixed_precision)
+        # accelerate only sets up multi-process CPU training (gloo) when told cpu=True
+        no_accelerator = not torch.cuda.is_available() and not (
+            hasattr(torch.backends, "mps") and torch.backends.mps.is_available())
+        self.accelerator = Accelerator(mixed_precision=self.config.mixed_precision,
+                                       cpu=no_accelerator)
         self.output_dir = Path(self.config.output_dir)
         self.raw_model = model
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -217,15 +221,17 @@ class Trainer:
     @staticmethod
     def _enable_gradient_checkpointing(model: torch.nn.Module) -> None:
         inner = getattr(model, "model", model)
-        # transformers 5 renamed it; the old name still works but warns
-        enable = getattr(inner, "activation_checkpointing_enable", None) or \
-            getattr(inner, "gradient_checkpointing_enable", None)
-        if enable is None:
+        # Non-reentrant checkpointing works with a frozen embedding (no input grads needed).
+        # transformers 5 renamed the switch; the old name still works but warns.
+        kwargs = {"use_reentrant": False}
+        if hasattr(inner, "activation_checkpointing_enable"):
+            inner.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        elif hasattr(inner, "gradient_checkpointing_enable"):
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        else:
             raise ConfigError(f"{type(inner).__name__} does not support gradient checkpointing "
                               f"(no gradient_checkpointing_enable)",
                               field="gradient_checkpointing")
-        # Non-reentrant checkpointing works with a frozen embedding (no input grads needed).
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(getattr(inner, "config", None), "use_cache"):
             inner.config.use_cache = False
 
