@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from deltatune.core.errors import ConfigError, NonFiniteError
+from deltatune.core.errors import ConfigError, DeltaTuneError, NonFiniteError
 from deltatune.tasks.base import Encoded, Example, Task, unwrap
 from deltatune.train import checkpoint as ckpt
 from deltatune.train.config import TRAJECTORY_FIELDS, TrainConfig
@@ -66,6 +66,10 @@ class TrainingInterrupted(KeyboardInterrupt):
         name = signal.Signals(signum).name
         where = f"checkpoint written to {checkpoint}" if checkpoint else "no checkpoint written"
         super().__init__(f"training interrupted by {name}; {where}")
+
+
+class TrainingOutOfMemory(DeltaTuneError, MemoryError):
+    """The device ran out of memory in a training step; the message says what to change."""
 
 
 class TrainerCallback:
@@ -384,9 +388,12 @@ class Trainer:
             sync = j == len(window) - 1 or world == 1
             ctx = contextlib.nullcontext() if sync else acc.no_sync(model)
             with ctx:
-                with acc.autocast():
-                    loss_sum, _ = self.task.loss_sum(model, batch)
-                    extra = getattr(unwrap(model), "extra_loss", lambda: None)()
+                try:
+                    with acc.autocast():
+                        loss_sum, _ = self.task.loss_sum(model, batch)
+                        extra = getattr(unwrap(model), "extra_loss", lambda: None)()
+                except torch.OutOfMemoryError as exc:
+                    raise self._oom(batch, exc) from None
                 if not torch.isfinite(loss_sum.detach()) or (
                         extra is not None and not torch.isfinite(extra.detach())):
                     value = float(loss_sum) if extra is None else float(loss_sum + extra)
@@ -395,7 +402,10 @@ class Trainer:
                 loss = loss_sum * (weight * world / n_items)
                 if extra is not None:
                     loss = loss + extra / len(window)
-                acc.backward(loss)
+                try:
+                    acc.backward(loss)
+                except torch.OutOfMemoryError as exc:
+                    raise self._oom(batch, exc) from None
             self.window_loss += float(loss_sum.detach()) * weight
             self.micro = j + 1
             for cb in self.callbacks:
@@ -403,6 +413,29 @@ class Trainer:
             if self._stop and self.micro < len(window) and world == 1:
                 return False
         return True
+
+    def _oom(self, batch: dict[str, torch.Tensor], exc: BaseException) -> TrainingOutOfMemory:
+        """An out-of-memory error with the batch's size and what to change."""
+        cfg = self.config
+        shape = tuple(batch["input_ids"].shape) if "input_ids" in batch else None
+        used = ""
+        if torch.cuda.is_available():
+            used = (f" {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB was the peak "
+                    f"allocation on {self.accelerator.device}.")
+        trainable = sum(p.numel() for _, p in self._trainable())
+        hint = (f"batch_size={max(1, cfg.batch_size // 2)} with grad_accum="
+                f"{cfg.grad_accum * 2} (same effective batch)" if cfg.batch_size > 1 else
+                "a smaller max_length")
+        extras = [x for x, on in (("gradient_checkpointing=True",
+                                   not cfg.gradient_checkpointing),
+                                  ("mixed_precision='bf16'", cfg.mixed_precision == "no"))
+                  if on]
+        return TrainingOutOfMemory(
+            f"out of memory at optimizer step {self.step + 1}, micro-batch {self.micro + 1} "
+            f"(batch of token shape {shape}, {trainable:,} trainable parameters).{used} "
+            f"Nothing was saved after the last checkpoint ({self.last_checkpoint or 'none'}). "
+            f"Try {hint}" + (f", or {' / '.join(extras)}" if extras else "") +
+            f". ({type(exc).__name__}: {str(exc)[:200]})")
 
     def _trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
         params = dict(unwrap(self.model).named_parameters())
@@ -593,8 +626,17 @@ class Trainer:
         its data, its process count or its parameter names differ from this run's.
         """
         path = Path(path)
-        data = ckpt.read_checkpoint(path)
+        partial = self.config.allow_partial_resume
+        data = ckpt.read_checkpoint(path, partial=partial)
         st = data.state
+        notes = [f"{path.name} has no {part} state: {why}; the run will not match an "
+                 f"uninterrupted one" for part, why in (
+                     ("optimizer", "AdamW moments start from zero"),
+                     ("rng", "random generators keep their current state"),
+                     ("callbacks", "method callbacks start fresh"))
+                 if getattr(data, part) is None]
+        for note in notes:
+            logger.warning(note)
         now = self.config.to_dict()
         changed = [f"{k}: checkpoint {st['config'].get(k)!r}, now {now[k]!r}"
                    for k in TRAJECTORY_FIELDS if st["config"].get(k) != now[k]]
@@ -625,24 +667,26 @@ class Trainer:
                 p.grad = None
                 if data.grads is not None:
                     p.grad = data.grads[name].to(p.device, p.dtype).clone()
-        self.optimizer.load_state_dict(_fix_optimizer_state(data.optimizer))
-        if len(data.callbacks) != len(self.method_callbacks):
+        if data.optimizer is not None:
+            self.optimizer.load_state_dict(_fix_optimizer_state(data.optimizer))
+        if data.callbacks is not None and len(data.callbacks) != len(self.method_callbacks):
             raise ckpt.ResumeError(f"cannot resume from {path}: it holds {len(data.callbacks)} "
                                    f"method callback state(s), the model has "
                                    f"{len(self.method_callbacks)}")
-        for cb, state in zip(self.method_callbacks, data.callbacks):
+        for cb, state in zip(self.method_callbacks, data.callbacks or []):
             cb.load_state_dict(state)
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None and st.get("scaler"):
             scaler.load_state_dict(st["scaler"])
-        ckpt.set_rng_state(data.rng)
+        if data.rng is not None:
+            ckpt.set_rng_state(data.rng)
         self.step, self.micro = int(st["step"]), int(st["micro"])
         self.window_loss = float(st["window_loss"])
         self.history, self.evals = list(st["history"]), list(st["evals"])
         self.best, self.bad_evals = st["best"], int(st["bad_evals"])
         self.skipped_steps = int(st["skipped_steps"])
         self.last_checkpoint = path
-        return [f"resumed from {path} (step {self.step}, micro-batch {self.micro})"]
+        return [f"resumed from {path} (step {self.step}, micro-batch {self.micro})", *notes]
 
     def _write_log(self) -> None:
         from deltatune.core import io
@@ -729,4 +773,4 @@ def train(model: torch.nn.Module, task: Task, train_data: Sequence[Any],
 
 
 __all__ = ["Encoded", "TrainResult", "Trainer", "TrainerCallback", "TrainingInterrupted",
-           "lr_factor", "train"]
+           "TrainingOutOfMemory", "lr_factor", "train"]
