@@ -104,7 +104,7 @@ def test_best_model_and_early_stopping(tmp_path):
     assert [e["loss"] for e in result.evals] == [3.0, 2.0, 2.5, 2.4]
     assert result.best["step"] == 4 and result.best["value"] == 2.0
     assert result.steps == 8 and (tmp_path / "best" / "delta.safetensors").is_file()
-    assert (tmp_path / "delta" / "delta.safetensors").is_file()
+    assert (tmp_path / "adapter" / "delta.safetensors").is_file()
 
 
 def test_gradient_checkpointing_changes_nothing(tmp_path):
@@ -155,7 +155,7 @@ def test_full_fine_tuning_of_a_plain_module(tmp_path):
         p.requires_grad_("layers.1." in n)
     before = {n: p.clone() for n, p in model.named_parameters()}
     result = Trainer(model, sft(), ROWS, None, cfg(tmp_path)).fit()
-    assert (tmp_path / "delta" / "trainable.safetensors").is_file()
+    assert (tmp_path / "adapter" / "trainable.safetensors").is_file()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("layers.1." in n for n in changed)
     assert result.steps == 2

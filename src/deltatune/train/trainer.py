@@ -49,6 +49,7 @@ from deltatune.train.config import TRAJECTORY_FIELDS, TrainConfig
 
 logger = logging.getLogger("deltatune.train")
 LOG_FILE = "log.jsonl"
+ADAPTER_DIR = "adapter"  # the final trained delta, inside output_dir
 LORA_B = r"(^|\.)lora_B(\.|$)"
 
 
@@ -106,8 +107,9 @@ class TrainResult:
 
     @property
     def final_loss(self) -> float | None:
-        """Training loss of the last optimizer step (None if no step ran)."""
-        return self.history[-1]["loss"] if self.history else None
+        """Training loss of the last optimizer step that ran (None if none did)."""
+        losses = [h["loss"] for h in self.history if "loss" in h]
+        return losses[-1] if losses else None
 
     def summary(self) -> dict[str, Any]:
         """JSON-able summary (for the run file)."""
@@ -323,8 +325,9 @@ class Trainer:
             reason = self._loop()
         finally:
             self._restore_signals(previous)
-        if self._signal is not None:
+        if self._signal is not None and reason == "stopped":
             raise TrainingInterrupted(self._signal, self.last_checkpoint)
+        # (a signal during the very last step: the run is complete, so it simply finishes)
         return self._finish(reason, time.perf_counter() - start, resumed_from, notes)
 
     # -- the loop --------------------------------------------------------------------------
@@ -711,7 +714,8 @@ class Trainer:
                                     self.last_checkpoint.name !=
                                     ckpt.checkpoint_name(self.step, self.micro)):
             self.save_checkpoint()
-        delta_dir = self._save_model(self.output_dir / "delta") if reason != "stopped" else None
+        delta_dir = (self._save_model(self.output_dir / ADAPTER_DIR) if reason != "stopped"
+                     else None)
         if self.accelerator.is_main_process:
             self._write_log()
         unwrap(self.model).eval()
