@@ -246,6 +246,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"forgetting guard: mixed {len(train_data) - len(task_examples)} general-text "
               f"examples into {len(task_examples)} task examples (ratio {ratio})")
     trainer = Trainer(dm, task, train_data, eval_rows, config)
+    print(f"training data: {len(trainer.train_examples)} examples"
+          + (f" ({trainer.train_stats.describe()})" if general_rows is None else "")
+          + (f"; evaluation: {len(trainer.eval_examples)} examples"
+             if trainer.eval_examples is not None else "; no evaluation data"))
     out = Path(config.output_dir)
     run_desc["deltatune_version"] = __version__
     try:

@@ -366,6 +366,9 @@ class Trainer:
                     continue
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+                if self.step % cfg.log_every == 0:
+                    logger.info("step %d/%d loss %.4f lr %.3e grad-norm %.3f", self.step, total,
+                                record["loss"], record["lr"], record["grad_norm"])
                 if cfg.eval_every and self.eval_examples is not None and \
                         self.step % cfg.eval_every == 0 and self._evaluate_and_track():
                     reason = "early-stopping"
