@@ -17,6 +17,7 @@ The paper adapts W_q and W_v; that is the default here.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import re
 from collections.abc import Sequence
@@ -80,6 +81,9 @@ def lora_scale(alpha: float, r: int, rslora: bool) -> float:
     return alpha / math.sqrt(r) if rslora else alpha / r
 
 
+_SERIALS = itertools.count()
+
+
 class LoraDelta(LayerDelta):
     """A and B for one linear, Conv1D or embedding layer."""
 
@@ -97,6 +101,8 @@ class LoraDelta(LayerDelta):
                 f"it for this module alone).", field="r")
         self.r = r
         self.scale = lora_scale(alpha, r, rslora)
+        # Unique per delta object: caches of stacked adapters (kernels.multi_lora) key on it.
+        self.serial = next(_SERIALS)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Parameter(torch.empty(r, self.d_in))
         self.lora_B = nn.Parameter(torch.zeros(self.d_out, r))
@@ -134,13 +140,19 @@ class LoraDelta(LayerDelta):
                           y: torch.Tensor) -> torch.Tensor | None:
         """Mixed-adapter batch in two batched matmuls (deltatune.kernels.multi_lora)."""
         loras = list(deltas.values())
-        if not all(isinstance(d, LoraDelta) and d._fast_ok(owner.base, x) for d in loras):
+        first = loras[0]
+        # Layer-level conditions are shared; dropout only matters in training mode.
+        if not first._fast_ok(owner.base, x) or (first.training and not all(
+                isinstance(d.dropout, nn.Identity) for d in loras)):
             return None
-        names = list(deltas)
-        bank = owner.__dict__.setdefault("_lora_bank", AdapterBank())
-        row_adapter = [names.index(n) if n is not None else -1 for n in rows]
-        return bank.apply(names, [d.lora_A for d in loras], [d.lora_B for d in loras],
-                          [d.scale for d in loras], row_adapter, x, y)
+        position = {n: i for i, n in enumerate(deltas)}
+        bank = owner.__dict__.get("_lora_bank")
+        if bank is None:
+            bank = owner.__dict__["_lora_bank"] = AdapterBank()
+        return bank.apply(
+            list(deltas), lambda: [d.lora_A for d in loras], lambda: [d.lora_B for d in loras],
+            [d.scale for d in loras], [position[n] if n is not None else -1 for n in rows],
+            x, y, keys=tuple(d.serial for d in loras))
 
     def delta_weight(self) -> torch.Tensor:
         """Return s * B A in float32: (d_out, d_in), or (vocab, dim) for an embedding."""
