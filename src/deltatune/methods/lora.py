@@ -122,7 +122,9 @@ class LoraDelta(LayerDelta):
 
     def _fast_ok(self, base: nn.Module, x: torch.Tensor) -> bool:
         """True when the fused kernels (deltatune.kernels) compute this layer's output."""
-        return (self.kind in ("linear", "conv1d") and fast_path_enabled(x)
+        # A subclass that changes the math (post_forward) keeps the plain path.
+        return (type(self).post_forward is LoraDelta.post_forward
+                and self.kind in ("linear", "conv1d") and fast_path_enabled(x)
                 and (isinstance(self.dropout, nn.Identity) or not self.training)
                 and x.dtype == base.weight.dtype and x.dtype.is_floating_point
                 and not base._forward_hooks and not base._forward_pre_hooks)
