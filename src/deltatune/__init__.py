@@ -27,7 +27,12 @@ from deltatune.core.errors import (
 )
 from deltatune.core.model import DeltaModel, LoadReport, attach, load, read_delta_directory
 from deltatune.core.registry import config_from_dict, get_method, known_methods
-from deltatune.methods import LoraConfig, PrefixTuningConfig, PromptTuningConfig
+from deltatune.methods import (
+    LoraConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    PTuningV2Config,
+)
 
 __all__ = [
     "AdapterFileCorrupt",
@@ -46,6 +51,7 @@ __all__ = [
     "NonFiniteError",
     "PrefixTuningConfig",
     "PromptTuningConfig",
+    "PTuningV2Config",
     "StrictLoadError",
     "TargetError",
     "TargetedConfig",

@@ -4,10 +4,12 @@ from deltatune.core.registry import register
 from deltatune.methods.lora import Lora, LoraConfig
 from deltatune.methods.prefix import PrefixTuning, PrefixTuningConfig
 from deltatune.methods.prompt import PromptTuning, PromptTuningConfig
+from deltatune.methods.ptuning_v2 import PTuningV2, PTuningV2Config
 
 register(Lora)
 register(PrefixTuning)
 register(PromptTuning)
+register(PTuningV2)
 
 __all__ = ["Lora", "LoraConfig", "PrefixTuning", "PrefixTuningConfig",
-           "PromptTuning", "PromptTuningConfig"]
+           "PromptTuning", "PromptTuningConfig", "PTuningV2", "PTuningV2Config"]
