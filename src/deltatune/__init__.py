@@ -31,6 +31,7 @@ from deltatune.methods import (
     LoraConfig,
     PrefixTuningConfig,
     PromptTuningConfig,
+    PTuningConfig,
     PTuningV2Config,
 )
 
@@ -51,6 +52,7 @@ __all__ = [
     "NonFiniteError",
     "PrefixTuningConfig",
     "PromptTuningConfig",
+    "PTuningConfig",
     "PTuningV2Config",
     "StrictLoadError",
     "TargetError",

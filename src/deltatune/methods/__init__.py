@@ -4,12 +4,15 @@ from deltatune.core.registry import register
 from deltatune.methods.lora import Lora, LoraConfig
 from deltatune.methods.prefix import PrefixTuning, PrefixTuningConfig
 from deltatune.methods.prompt import PromptTuning, PromptTuningConfig
+from deltatune.methods.ptuning import PTuning, PTuningConfig
 from deltatune.methods.ptuning_v2 import PTuningV2, PTuningV2Config
 
 register(Lora)
 register(PrefixTuning)
 register(PromptTuning)
+register(PTuning)
 register(PTuningV2)
 
 __all__ = ["Lora", "LoraConfig", "PrefixTuning", "PrefixTuningConfig",
-           "PromptTuning", "PromptTuningConfig", "PTuningV2", "PTuningV2Config"]
+           "PromptTuning", "PromptTuningConfig", "PTuning", "PTuningConfig",
+           "PTuningV2", "PTuningV2Config"]
