@@ -29,6 +29,7 @@ from deltatune.core.model import DeltaModel, LoadReport, attach, load, read_delt
 from deltatune.core.registry import config_from_dict, get_method, known_methods
 from deltatune.methods import (
     LoraConfig,
+    MPTConfig,
     PrefixTuningConfig,
     PromptTuningConfig,
     PTuningConfig,
@@ -47,6 +48,7 @@ __all__ = [
     "HyperparameterError",
     "LoadReport",
     "LoraConfig",
+    "MPTConfig",
     "MergeError",
     "ModelNotAvailableError",
     "NonFiniteError",

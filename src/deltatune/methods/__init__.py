@@ -2,6 +2,7 @@
 
 from deltatune.core.registry import register
 from deltatune.methods.lora import Lora, LoraConfig
+from deltatune.methods.mpt import MPT, MPTConfig
 from deltatune.methods.prefix import PrefixTuning, PrefixTuningConfig
 from deltatune.methods.prompt import PromptTuning, PromptTuningConfig
 from deltatune.methods.ptuning import PTuning, PTuningConfig
@@ -12,7 +13,8 @@ register(PrefixTuning)
 register(PromptTuning)
 register(PTuning)
 register(PTuningV2)
+register(MPT)
 
-__all__ = ["Lora", "LoraConfig", "PrefixTuning", "PrefixTuningConfig",
+__all__ = ["Lora", "LoraConfig", "MPT", "MPTConfig", "PrefixTuning", "PrefixTuningConfig",
            "PromptTuning", "PromptTuningConfig", "PTuning", "PTuningConfig",
            "PTuningV2", "PTuningV2Config"]
