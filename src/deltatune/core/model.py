@@ -420,6 +420,20 @@ class DeltaModel(nn.Module):
         with self._routing(delta_names):
             return self.model.generate(*args, **kwargs)
 
+    def extra_loss(self) -> torch.Tensor | None:
+        """Return the summed regularisers of the active deltas (None when there are none).
+
+        ``forward`` adds this to the model's own loss in training mode; a training loop
+        that computes the loss itself from the logits adds it with this method.
+        """
+        total = None
+        for n in self._active:
+            delta = self._deltas[n]
+            extra = delta.method.extra_loss(self.model, delta)
+            if extra is not None:
+                total = extra if total is None else total + extra
+        return total
+
     def training_callbacks(self) -> list[Any]:
         """Return the step callbacks of the active deltas (for a training loop)."""
         out: list[Any] = []
@@ -430,8 +444,9 @@ class DeltaModel(nn.Module):
 
     # -- parameters --------------------------------------------------------------------
     def delta_parameter_ids(self) -> set[int]:
-        """Return ``id()`` of every tensor owned by a delta."""
-        return {id(p) for d in self._deltas.values() for p in d.parameters()}
+        """Return ``id()`` of every tensor owned by a delta (not the base's own tensors)."""
+        return {id(p) for d in self._deltas.values() if not d.method.trains_base
+                for p in d.parameters()}
 
     def base_parameter_count(self) -> int:
         """Return the number of parameters of the base model (deltas excluded)."""
@@ -459,8 +474,11 @@ class DeltaModel(nn.Module):
                  f"of {base:,}" + ("" if r.active else " [inactive]")
                  for r in self.parameter_report()]
         trainable = sum(p.numel() for p in self.trainable_parameters())
-        lines.append(f"trainable: {trainable:,} of {base + trainable:,} "
-                     f"({100.0 * trainable / max(base + trainable, 1):.4f}%)")
+        ids = self.delta_parameter_ids()
+        extra = sum(p.numel() for p in self.trainable_parameters() if id(p) in ids)
+        total = base + extra  # a delta that trains the base adds nothing to the total
+        lines.append(f"trainable: {trainable:,} of {total:,} "
+                     f"({100.0 * trainable / max(total, 1):.4f}%)")
         return "\n".join(lines)
 
     def print_trainable_parameters(self) -> None:

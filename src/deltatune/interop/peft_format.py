@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
 import json
 import re
 import warnings
@@ -114,8 +115,9 @@ def _ensure_loaded() -> None:
 
     registered = set(known_methods())
     for method, module in MAPPING_MODULES.items():
-        if method in registered:
-            importlib.import_module(f"deltatune.interop.{module}")
+        name = f"deltatune.interop.{module}"
+        if method in registered and importlib.util.find_spec(name) is not None:
+            importlib.import_module(name)
 
 
 def mapping_for_peft_type(peft_type: Any, source: str = "") -> PeftMapping:
