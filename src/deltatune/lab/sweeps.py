@@ -82,13 +82,13 @@ def _lora_targets(model: nn.Module) -> list[RunSpec]:
     lay = layout_for(model, what="the LoRA target sweep")
     q, k, v, o = lay.query[0], lay.key[0], lay.value[0], lay.attn_out[0]
     budget = lora_parameters(model, [q, v], 8)
-    sets = {"Wq": [q], "Wk": [k], "Wv": [v], "Wo": [o], "Wq,Wk": [q, k], "Wq,Wv": [q, v],
-            "Wq,Wk,Wv,Wo": [q, k, v, o]}
+    sets = {"Wq": [q], "Wk": [k], "Wv": [v], "Wo": [o], "Wq+Wk": [q, k], "Wq+Wv": [q, v],
+            "Wq+Wk+Wv+Wo": [q, k, v, o]}
     out = []
     for label, targets in sets.items():
-        r = 8 if label == "Wq,Wv" else rank_for_budget(model, targets, budget)
+        r = 8 if label == "Wq+Wv" else rank_for_budget(model, targets, budget)
         # alpha = r keeps the update's scale alpha/r = 1 for every variant
-        out.append(RunSpec(f"{label} r={r}", "lora",
+        out.append(RunSpec(f"{label}-r{r}", "lora",
                            {"r": r, "lora_alpha": float(r), "target_modules": targets}))
     return out
 

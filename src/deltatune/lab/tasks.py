@@ -205,8 +205,8 @@ class SentimentTask(ClassificationTask):
     label_names = ("negative", "positive")
     head_modules = ("classifier",)
     sizes: ClassVar[dict[str, TaskSize]] = {
-        "default": TaskSize(train_examples=2000, eval_examples=500, steps=150, batch_size=16,
-                            max_length=64),
+        "default": TaskSize(train_examples=1000, eval_examples=256, steps=40, batch_size=16,
+                            max_length=48),
         "full": TaskSize(train_examples=10157, eval_examples=1303, steps=3000, batch_size=32,
                          max_length=128, latency_batch=32, latency_repeats=20),
     }
@@ -233,8 +233,8 @@ class DefinitionTask(LabTask):
     supports_icl = True
     max_new_tokens = 24
     sizes: ClassVar[dict[str, TaskSize]] = {
-        "default": TaskSize(train_examples=1000, eval_examples=64, steps=60, batch_size=8,
-                            max_length=48, latency_batch=8),
+        "default": TaskSize(train_examples=400, eval_examples=32, steps=30, batch_size=8,
+                            max_length=40, latency_batch=8),
         "full": TaskSize(train_examples=4000, eval_examples=300, steps=1500, batch_size=16,
                          max_length=64, latency_batch=16, latency_repeats=20),
     }
