@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from deltatune.core.errors import DeltaTuneError
 
 # module name (in this package) of every subcommand, in --help order
-COMMANDS = ["methods", "info", "merge", "data", "models", "compare", "sweep"]
+COMMANDS = ["methods", "info", "train", "generate", "eval", "merge", "export", "data", "models",
+            "compare", "sweep"]
 
 
 def build_parser() -> argparse.ArgumentParser:
