@@ -30,9 +30,18 @@ DEFAULT_LR: dict[str, float] = {
     "full": 1e-4, "bitfit": 1e-3, "lora": 1e-3, "adalora": 1e-3, "ia3": 3e-3,
     "houlsby": 1e-3, "pfeiffer": 1e-3, "parallel": 1e-3, "mam": 1e-3, "krona": 1e-3,
     "loha": 1e-3, "prompt": 3e-2, "prefix": 1e-3, "ptuning": 1e-3, "ptuning-v2": 1e-2,
+    "kronab": 1e-3, "unified": 1e-3,
 }
 FALLBACK_LR = 1e-3
 ICL = "icl"
+# Lab spellings of registered method names (the SPEC's and the papers' short names).
+ALIASES = {"parallel": "parallel_adapter", "ptuning-v2": "ptuning_v2", "p-tuning-v2": "ptuning_v2",
+           "p-tuning": "ptuning", "prompt-tuning": "prompt", "prefix-tuning": "prefix"}
+
+
+def resolve(method: str) -> str:
+    """Return the registry name of a lab method name (``parallel`` -> ``parallel_adapter``)."""
+    return ALIASES.get(method, method)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +61,9 @@ class RunSpec:
 
     def learning_rate(self) -> float:
         """The learning rate this run uses (explicit, else the method's default)."""
-        return self.lr if self.lr is not None else DEFAULT_LR.get(self.method, FALLBACK_LR)
+        if self.lr is not None:
+            return self.lr
+        return DEFAULT_LR.get(self.method, DEFAULT_LR.get(resolve(self.method), FALLBACK_LR))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready description (goes into results.json and the resume fingerprint)."""
@@ -75,9 +86,9 @@ def check_available(method: str) -> None:
     if method == ICL:
         return
     names = registered()
-    if method in names:
+    if resolve(method) in names:
         return
-    if method in LAB_METHODS:
+    if method in LAB_METHODS or method in ALIASES:
         raise UnknownMethodError(
             f"method {method!r} is part of the lab's comparison but is not available in this "
             f"deltatune build yet (registered: {', '.join(names)}); leave it out of --methods",
@@ -120,10 +131,11 @@ def build_config(spec: RunSpec, head_modules: tuple[str, ...]) -> DeltaConfig:
     from deltatune.core.registry import config_class
 
     check_available(spec.method)
-    cls = config_class(spec.method)
+    method = resolve(spec.method)
+    cls = config_class(method)
     data: dict[str, Any] = dict(spec.overrides)
     fields = {f.name for f in dataclasses.fields(cls)}
     if head_modules and "modules_to_save" in fields and "modules_to_save" not in data \
-            and spec.method != "full":
+            and method != "full":
         data["modules_to_save"] = list(head_modules)
-    return cls.from_dict({"method": spec.method, **data})
+    return cls.from_dict({"method": method, **data})

@@ -41,6 +41,8 @@ from deltatune.lab.tasks import LabTask, Loaded, TaskSize, get_task
 from deltatune.lab.training import train
 
 logger = logging.getLogger("deltatune.lab")
+# Recorded in each run's fingerprint: results of another training loop are not reused.
+TRAINER = "deltatune.train.Trainer"
 
 
 @dataclasses.dataclass
@@ -92,19 +94,22 @@ def run_once(task: LabTask, spec: RunSpec, seed: int, size: TaskSize, device: to
     record.update(measure.parameter_counts(dm))
     record["config"] = config.to_dict()
     batches = task.train_batches(loaded, size, seed)
+    train_dir = workdir / "train"
+    if train_dir.exists():  # a run interrupted earlier: start it afresh
+        shutil.rmtree(train_dir)
     with measure.track_peak_memory(device) as mem:
-        stats = train(dm, batches, lr=spec.learning_rate(), progress=progress,
-                      desc=f"{spec.label} seed {seed}")
+        stats = train(dm, batches, lr=spec.learning_rate(), workdir=train_dir, seed=seed,
+                      progress=progress)
     record.update({"peak_memory_mb": mem.peak_mb, "memory_kind": mem.kind,
                    "train_steps": stats.steps, "train_tokens": stats.tokens,
                    "train_seconds": stats.seconds,
                    "train_tokens_per_s": stats.tokens_per_second,
                    "loss_first": stats.losses[0], "loss_last": stats.losses[-1]})
     record["metrics"] = task.evaluate(dm, loaded, size)
-    ckpt = workdir / "delta"
-    if ckpt.exists():
-        shutil.rmtree(ckpt)
-    dm.save_delta(ckpt)
+    # the trainer saved the delta; its files are the checkpoint a user would keep
+    ckpt = stats.delta_dir if stats.delta_dir is not None else train_dir / "delta"
+    if not ckpt.is_dir():
+        dm.save_delta(ckpt)
     record["checkpoint_bytes"] = measure.directory_size(ckpt)
     record["checkpoint_dir"] = str(ckpt)
     batch = task.latency_batch(loaded, size)
@@ -174,7 +179,8 @@ def compare(task: str | LabTask, methods: str | Sequence[str] | Sequence[RunSpec
         for seed in seeds:
             key = run_key(spec.label, seed)
             fp = fingerprint({"task": lab_task.name, "size": dataclasses.asdict(task_size),
-                              "spec": spec.to_dict(), "seed": seed, "device": dev.type})
+                              "spec": spec.to_dict(), "seed": seed, "device": dev.type,
+                              "trainer": TRAINER})
             if store.finished(key, fp):
                 skipped.append(key)
                 if echo:

@@ -1,23 +1,28 @@
-"""The one place the lab trains a model.
+"""The one place the lab trains a model: a bridge onto deltatune's :class:`Trainer`.
 
-``train`` runs AdamW with linear warm-up and decay over a fixed list of batches, calling
-the deltas' step callbacks (AdaLoRA's budget schedule) the way deltatune's trainer does,
-and returns what the lab reports: tokens processed, seconds spent in optimizer steps and
-the loss curve. The lab's comparisons go through this function only, so moving them onto
-another training loop is a change here.
+The lab's tasks build their training batches themselves (the same batches for every
+method of a comparison); :class:`PrebuiltBatches` hands them to the trainer one batch per
+optimizer step (``batch_size=1`` over a list of batches), with the summed loss and item
+count the trainer's contract asks for. The trainer brings AdamW with linear warm-up and
+decay, gradient clipping, the deltas' step callbacks (AdaLoRA's budget schedule), their
+extra losses, the non-finite policy, and the saved delta, whose size the lab reports.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
+import shutil
 import time
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from deltatune.core.errors import NonFiniteError
 from deltatune.lab.tasks import Batch, count_tokens
+from deltatune.tasks.base import IGNORE, Encoded, Task
+from deltatune.train.config import TrainConfig
+from deltatune.train.trainer import Trainer, TrainerCallback
 
 
 @dataclasses.dataclass
@@ -28,64 +33,89 @@ class TrainStats:
     tokens: int
     seconds: float
     losses: list[float]
+    delta_dir: Path | None = None
 
     @property
     def tokens_per_second(self) -> float:
-        """Real (non-padding) input tokens per second of training."""
+        """Real (non-padding) input tokens per second of optimizer steps."""
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def _schedule(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
+def loss_items(batch: Batch) -> int:
+    """How many loss terms a batch's mean loss averages: labelled (shifted) tokens or rows."""
+    labels = batch["labels"]
+    if labels.dim() == 1:  # sequence classification: one label per row
+        return int(labels.numel())
+    # causal LM: transformers shifts labels by one and skips IGNORE
+    return int((labels[:, 1:] != IGNORE).sum())
 
 
-def train(dm: Any, batches: list[Batch], *, lr: float, weight_decay: float = 0.0,
-          warmup_ratio: float = 0.06, max_grad_norm: float = 1.0, progress: bool = False,
-          desc: str = "train") -> TrainStats:
+class PrebuiltBatches(Task):
+    """A trainer task whose every example is one whole batch built by a lab task."""
+
+    name = "lab-batches"
+
+    def encode(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Examples are the batches themselves."""
+        return row
+
+    def collate(self, examples: Sequence[dict[str, Any]]) -> Batch:
+        """One example per micro-batch: return it as is."""
+        (batch,) = examples
+        return batch
+
+    def count_items(self, example: dict[str, Any]) -> int:
+        """Loss terms in the batch (the trainer divides the summed loss by these)."""
+        return loss_items(example)
+
+    def loss_sum(self, model: Any, batch: Batch) -> tuple[torch.Tensor, int]:
+        """The model's mean loss times its item count: the summed loss."""
+        n = loss_items(batch)
+        return model(**batch).loss.float() * n, n
+
+    def evaluate(self, model: Any, examples: Sequence[dict[str, Any]], *, batch_size: int = 8,
+                 progress: bool = False) -> dict[str, float]:
+        """Unused: the lab evaluates with its own task."""
+        raise NotImplementedError
+
+
+class _StepTimer(TrainerCallback):
+    """Records the time of the last optimizer step and the loss curve."""
+
+    def __init__(self) -> None:
+        self.last = 0.0
+        self.losses: list[float] = []
+
+    def on_step_end(self, trainer: Any, record: dict[str, Any]) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.last = time.perf_counter()
+        self.losses.append(float(record["loss"]))
+
+
+def train(dm: Any, batches: list[Batch], *, lr: float, workdir: Path, seed: int = 0,
+          weight_decay: float = 0.0, warmup_ratio: float = 0.06, max_grad_norm: float = 1.0,
+          progress: bool = False) -> TrainStats:
     """Train the trainable parameters of ``dm`` for one optimizer step per batch.
 
-    Raises :class:`NonFiniteError` when the loss becomes NaN or infinite (the run is
-    reported failed rather than silently diverged). Leaves the model in eval mode.
+    Uses :class:`deltatune.train.trainer.Trainer` (output in ``workdir``; its resumable
+    checkpoint is removed afterwards, the saved delta kept). Throughput counts the time
+    from the start of training to the end of the last optimizer step, not the final
+    saving. A non-finite loss stops the run with the trainer's error.
     """
-    params = [p for p in dm.parameters() if p.requires_grad]
-    if not params:
-        raise NonFiniteError("nothing to train: no parameter requires gradients")
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    total = len(batches)
-    warmup = max(1, math.ceil(warmup_ratio * total))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, total, warmup))
-    callbacks = dm.training_callbacks() if hasattr(dm, "training_callbacks") else []
-    for cb in callbacks:
-        cb.on_train_begin(dm, total)
-    iterator: Any = batches
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(batches, desc=desc, unit="step", leave=False)
-    dm.train()
-    losses: list[float] = []
-    tokens = 0
+    config = TrainConfig(output_dir=str(workdir), epochs=1, batch_size=1, lr=lr,
+                         weight_decay=weight_decay, warmup_ratio=warmup_ratio,
+                         max_grad_norm=max_grad_norm, seed=seed, progress=progress,
+                         handle_signals=False, log_every=max(1, len(batches)),
+                         keep_best=False)
+    timer = _StepTimer()
+    trainer = Trainer(dm, PrebuiltBatches(), Encoded(batches), config=config,
+                      callbacks=[timer])
     start = time.perf_counter()
-    for step, batch in enumerate(iterator, start=1):
-        loss = dm(**batch).loss
-        if not torch.isfinite(loss):
-            dm.eval()
-            raise NonFiniteError(f"training loss became {float(loss)} at step {step}; lower the "
-                                 f"learning rate (was {lr})")
-        loss.backward()
-        if max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        opt.step()
-        for cb in callbacks:
-            cb.on_optimizer_step(dm, step)
-        opt.zero_grad(set_to_none=True)
-        sched.step()
-        losses.append(float(loss.detach()))
-        tokens += count_tokens(batch)
-    if batches and next(iter(batches[0].values())).device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    result = trainer.fit()
+    seconds = (timer.last or time.perf_counter()) - start
+    shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
     dm.eval()
-    return TrainStats(steps=total, tokens=tokens, seconds=seconds, losses=losses)
+    return TrainStats(steps=result.steps, tokens=sum(count_tokens(b) for b in batches),
+                      seconds=seconds, losses=timer.losses or [float("nan")],
+                      delta_dir=result.delta_dir)
