@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from deltatune.cli import main
 from deltatune.core.errors import UnknownMethodError
 from deltatune.lab import methods, sweeps
 from deltatune.lab.methods import RunSpec, build_config, parse_methods
+from deltatune.lab.tasks import Loaded
 from tests.conftest import tiny_bert, tiny_llama
+from tests.lab.conftest import SIZE
 
 
 def test_parse_methods_and_unavailable_lab_methods(monkeypatch):
@@ -32,7 +35,7 @@ def test_head_goes_to_modules_to_save_and_overrides_apply():
 
 def test_lora_target_variants_have_equal_budget():
     model = tiny_bert()
-    specs = sweeps._lora_targets(model)
+    specs = sweeps._lora_targets(Loaded(model, None, torch.device("cpu")), SIZE)
     budget = sweeps.lora_parameters(model, ["attention.self.query", "attention.self.value"], 8)
     assert budget == 2 * 2 * 8 * (32 + 32)  # by hand: 2 layers x 2 matrices
     for s in specs:
@@ -70,3 +73,27 @@ def test_cli_compare_and_sweep_list(tmp_path, capsys):
     assert "lora-targets" in capsys.readouterr().out
     assert main(["compare", "--task", "tiny-cls", "--methods", "nope", "--out",
                  str(tmp_path)]) == 2
+
+
+def test_sweep_variants_use_the_landed_config_fields():
+    """Every variant of every sweep builds a valid config of its method (or is ICL)."""
+    loaded = Loaded(tiny_bert(num_labels=2), None, torch.device("cpu"))
+    have = set(methods.registered())
+    for sweep in sweeps.SWEEPS.values():
+        for spec in sweep.variants(loaded, SIZE):
+            if spec.method == methods.ICL or methods.resolve(spec.method) not in have:
+                continue
+            cfg = build_config(spec, ("classifier",))
+            for key, value in spec.overrides.items():
+                assert getattr(cfg, key) == value, (sweep.name, spec.label, key)
+
+
+def test_adalora_sweep_records_ranks_and_heatmap(tmp_path):
+    res = sweeps.run_sweep("adalora-ranks", task="tiny-cls", out=tmp_path, progress=False,
+                           echo=None)
+    rec = res.runs["adalora/seed0"]
+    assert rec["status"] == "done", rec.get("error")
+    ranks = rec["adalora_final_ranks"]
+    # 2 layers x 6 matrices, each keeping at most init_r = 12
+    assert len(ranks) == 12 and all(0 <= r <= 12 for r in ranks.values())
+    assert (tmp_path / "adalora_ranks.png").read_bytes()[:4] == b"\x89PNG"

@@ -20,9 +20,9 @@ from torch import nn
 
 from deltatune.core.blocks import layout_for
 from deltatune.core.errors import ConfigError, UnknownMethodError
-from deltatune.lab.methods import ICL, RunSpec, registered
+from deltatune.lab.methods import ICL, RunSpec, registered, resolve
 from deltatune.lab.runner import CompareResult, compare, pick_device
-from deltatune.lab.tasks import LabTask, get_task
+from deltatune.lab.tasks import LabTask, Loaded, TaskSize, get_task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +33,7 @@ class Sweep:
     claim: str
     task: str
     methods: tuple[str, ...]
-    variants: Callable[[nn.Module], list[RunSpec]]
+    variants: Callable[[Loaded, TaskSize], list[RunSpec]]
     # numeric x value per label for a line plot (e.g. rank, prompt length); else bars
     x_values: Callable[[list[RunSpec]], dict[str, float]] | None = None
     x_label: str = ""
@@ -72,13 +72,15 @@ def _numeric(key: str) -> Callable[[list[RunSpec]], dict[str, float]]:
 
 
 # -- the sweeps ---------------------------------------------------------------------------
-def _lora_rank(model: nn.Module) -> list[RunSpec]:
+def _lora_rank(loaded: Loaded, size: TaskSize) -> list[RunSpec]:
+    # alpha = r keeps the scale alpha / r at 1, so only the rank changes
     return [RunSpec(f"lora-r{r}", "lora", {"r": r, "lora_alpha": float(r)})
             for r in (1, 2, 4, 8, 16, 64)]
 
 
-def _lora_targets(model: nn.Module) -> list[RunSpec]:
+def _lora_targets(loaded: Loaded, size: TaskSize) -> list[RunSpec]:
     """W_q,W_v at r=8 against other target sets at the same parameter budget (LoRA Table 5)."""
+    model = loaded.model
     lay = layout_for(model, what="the LoRA target sweep")
     q, k, v, o = lay.query[0], lay.key[0], lay.value[0], lay.attn_out[0]
     budget = lora_parameters(model, [q, v], 8)
@@ -87,95 +89,90 @@ def _lora_targets(model: nn.Module) -> list[RunSpec]:
     out = []
     for label, targets in sets.items():
         r = 8 if label == "Wq+Wv" else rank_for_budget(model, targets, budget)
-        # alpha = r keeps the update's scale alpha/r = 1 for every variant
         out.append(RunSpec(f"{label}-r{r}", "lora",
                            {"r": r, "lora_alpha": float(r), "target_modules": targets}))
     return out
 
 
-def _prefix_length(model: nn.Module) -> list[RunSpec]:
-    out = [RunSpec(f"prefix-{n}", "prefix", {"num_virtual_tokens": n})
-           for n in (1, 5, 10, 20, 50)]
-    out.append(RunSpec("embedding-only-10", "prompt", {"num_virtual_tokens": 10}))
-    out.append(RunSpec("infix-10", "ptuning", {"num_virtual_tokens": 10}))
+def _prefix_length(loaded: Loaded, size: TaskSize) -> list[RunSpec]:
+    out = [RunSpec(f"prefix-{n}", "prefix", {"prefix_length": n}) for n in (1, 5, 10, 20, 50)]
+    out.append(RunSpec("embedding-only-10", "prefix", {"prefix_length": 10,
+                                                       "mode": "embedding"}))
+    out.append(RunSpec("infix-10", "prefix", {"prefix_length": 10, "mode": "infix"}))
     return out
 
 
-def _prompt_length_init(model: nn.Module) -> list[RunSpec]:
-    out = [RunSpec(f"prompt-{n}-random", "prompt", {"num_virtual_tokens": n, "init": "random"})
+def _prompt_length_init(loaded: Loaded, size: TaskSize) -> list[RunSpec]:
+    out = [RunSpec(f"prompt-{n}-random", "prompt", {"prompt_length": n, "init": "random"})
            for n in (1, 5, 20, 50)]
-    for init in ("vocab", "text"):
-        out.append(RunSpec(f"prompt-20-{init}", "prompt",
-                           {"num_virtual_tokens": 20, "init": init}))
+    out.append(RunSpec("prompt-20-vocab", "prompt", {"prompt_length": 20, "init": "vocab"}))
+    names = getattr(loaded.task, "label_names", ())
+    if loaded.tokenizer is not None and names:
+        ids = [loaded.tokenizer(n, add_special_tokens=False)["input_ids"] for n in names]
+        out.append(RunSpec("prompt-20-labels", "prompt",
+                           {"prompt_length": 20, "init": "labels", "label_token_ids": ids}))
     return out
 
 
-def _krona_init(model: nn.Module) -> list[RunSpec]:
+def _krona_init(loaded: Loaded, size: TaskSize) -> list[RunSpec]:
     return [RunSpec("krona-zero-one-factor", "krona", {"init": "zero"}),
             RunSpec("krona-gaussian-both", "krona", {"init": "gaussian"})]
 
 
-def _unified(model: nn.Module) -> list[RunSpec]:
-    return [RunSpec("sequential-ffn (houlsby-style)", "pfeiffer", {}),
-            RunSpec("parallel-ffn", "parallel", {"position": "ffn"}),
-            RunSpec("parallel-attn", "parallel", {"position": "attention"}),
-            RunSpec("mam", "mam", {}), RunSpec("full", "full", {})]
+def _unified(loaded: Loaded, size: TaskSize) -> list[RunSpec]:
+    """One unified-view choice changed at a time, same bottleneck m (so equal budget)."""
+    m = 64
+    common = {"functional_form": "bottleneck", "composition": "scale", "scaling": 4.0,
+              "bottleneck_size": m}
+    return [
+        RunSpec("sequential-ffn", "unified", {**common, "insertion": "sequential",
+                                              "modified_representation": ["ffn"]}),
+        RunSpec("parallel-ffn", "unified", {**common, "insertion": "parallel",
+                                            "modified_representation": ["ffn"]}),
+        RunSpec("parallel-attn", "unified", {**common, "insertion": "parallel",
+                                             "modified_representation": ["attention"]}),
+        RunSpec("mam", "mam"),
+        RunSpec("full", "full"),
+    ]
 
 
-def _adalora(model: nn.Module) -> list[RunSpec]:
-    lay = layout_for(model, what="the AdaLoRA sweep")
+def _adalora(loaded: Loaded, size: TaskSize) -> list[RunSpec]:
+    lay = layout_for(loaded.model, what="the AdaLoRA sweep")
     targets = [*lay.query, *lay.key, *lay.value, *lay.attn_out, *lay.ffn_up, *lay.ffn_down]
-    return [RunSpec("adalora", "adalora", {"target_modules": targets})]
+    # the paper's schedule in proportion: warm-up 10% of the steps, budget fixed for the
+    # last 20%; the average rank falls from 12 to 4 so the allocation is visible
+    return [RunSpec("adalora", "adalora", {
+        "target_modules": targets, "init_r": 12, "target_r": 4,
+        "tinit": max(1, size.steps // 10), "tfinal": max(1, size.steps // 5),
+        "deltaT": 1})]
 
 
-def _icl_vs_peft(model: nn.Module) -> list[RunSpec]:
+def _icl_vs_peft(loaded: Loaded, size: TaskSize) -> list[RunSpec]:
     return [RunSpec("icl-0shot", ICL, shots=0), RunSpec("icl-4shot", ICL, shots=4),
             RunSpec("icl-16shot", ICL, shots=16), RunSpec("lora", "lora"),
             RunSpec("ia3", "ia3")]
 
 
 def _record_adalora_ranks(dm: Any, record: dict[str, Any]) -> None:
-    """Store the final rank of every AdaLoRA matrix: its count of non-zero singular values."""
-    ranks: dict[str, int] = {}
-    for key, tensor in dm.delta_state_dict("lab").items():
-        leaf = key.rsplit(".", 1)[-1].lower()
-        if leaf in ("lora_e", "lambda", "e", "lambda_"):
-            ranks[key.rsplit(".", 1)[0]] = int((tensor.detach() != 0).sum())
-    record["adalora_final_ranks"] = ranks
+    """Store the rank each AdaLoRA matrix kept (its non-zero singular values)."""
+    from deltatune.methods.adalora import saved_ranks
+
+    record["adalora_final_ranks"] = saved_ranks(dm.delta_state_dict("lab"))
 
 
 def _adalora_heatmap(result: CompareResult, directory: Path) -> list[Path]:
-    """Plot final ranks as a layer x matrix heatmap (one per seed's first run)."""
-    import re
-
-    from deltatune.lab.plots import _pyplot
+    """Plot the first finished run's final ranks as a layer x matrix heatmap."""
+    from deltatune.plotting.rank_heatmap import format_rank_table, plot_rank_heatmap
 
     rec = next((r for r in result.runs.values() if r.get("adalora_final_ranks")), None)
     if rec is None:
         return []
-    grid: dict[tuple[int, str], int] = {}
-    for name, rank in rec["adalora_final_ranks"].items():
-        m = re.search(r"\.(\d+)\.(.+)$", name)
-        if m:
-            grid[(int(m.group(1)), m.group(2))] = rank
-    layers = sorted({k[0] for k in grid})
-    mats = sorted({k[1] for k in grid})
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(1.2 * len(mats) + 2, 0.35 * len(layers) + 2))
-    data = [[grid.get((layer, m), 0) for m in mats] for layer in layers]
-    im = ax.imshow(data, aspect="auto", origin="lower", cmap="viridis")
-    ax.set_xticks(range(len(mats)))
-    ax.set_xticklabels(mats, rotation=30, ha="right", fontsize=8)
-    ax.set_yticks(range(len(layers)))
-    ax.set_yticklabels(layers, fontsize=7)
-    ax.set_ylabel("layer")
-    fig.colorbar(im, ax=ax, label="final rank")
-    ax.set_title("AdaLoRA final ranks")
-    fig.tight_layout()
-    path = directory / "adalora_ranks.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [path]
+    ranks = rec["adalora_final_ranks"]
+    (directory / "adalora_ranks.txt").write_text(format_rank_table(ranks) + "\n",
+                                                 encoding="utf-8")
+    return [plot_rank_heatmap(ranks, directory / "adalora_ranks.png",
+                              title=f"AdaLoRA final ranks (seed {rec['seed']})"),
+            directory / "adalora_ranks.txt"]
 
 
 SWEEPS: dict[str, Sweep] = {s.name: s for s in [
@@ -187,7 +184,7 @@ SWEEPS: dict[str, Sweep] = {s.name: s for s in [
           "prefix; prefixing > infixing", "definitions", ("prefix", "prompt", "ptuning"),
           _prefix_length, _numeric("num_virtual_tokens"), "prefix length"),
     Sweep("prompt-length-init", "longer prompts help; init random < sampled vocabulary < label "
-          "strings", "definitions", ("prompt",), _prompt_length_init),
+          "strings", "sentiment", ("prompt",), _prompt_length_init),
     Sweep("krona-init", "KronA: zero-initialising one factor beats Gaussian-initialising both",
           "sentiment", ("krona",), _krona_init),
     Sweep("unified", "parallel beats sequential; FFN beats attention at equal budget; MAM "
@@ -213,7 +210,7 @@ def get_sweep(name: str) -> Sweep:
 def missing_methods(sweep: Sweep) -> list[str]:
     """Methods the sweep needs that this deltatune build has not registered."""
     have = set(registered())
-    return [m for m in sweep.methods if m not in have]
+    return [m for m in sweep.methods if resolve(m) not in have]
 
 
 def plot_sweep(result: CompareResult, sweep: Sweep, path: Path) -> Path:
@@ -273,9 +270,16 @@ def run_sweep(name: str, *, task: str | LabTask | None = None, seeds: Sequence[i
         raise UnknownMethodError(f"sweep {name!r} needs method(s) {', '.join(missing)}, which "
                                  f"this deltatune build does not have yet", field="sweep")
     lab_task = get_task(task or sweep.task) if not isinstance(task, LabTask) else task
+    task_size = lab_task.size(size)
     loaded = lab_task.load(pick_device("cpu"))
-    specs = sweep.variants(loaded.model)
+    loaded.task = lab_task
+    specs = sweep.variants(loaded, task_size)
     del loaded
+    have = set(registered())
+    not_run = [s.label for s in specs if s.method != ICL and resolve(s.method) not in have]
+    specs = [s for s in specs if s.label not in not_run]
+    if not_run and echo:
+        echo(f"variants left out (their method is not in this build): {', '.join(not_run)}")
     if only:
         specs = [s for s in specs if s.label in set(only)]
         if not specs:
@@ -288,5 +292,6 @@ def run_sweep(name: str, *, task: str | LabTask | None = None, seeds: Sequence[i
         result.files.extend(sweep.after(result, directory))
     (directory / "sweep.json").write_text(json.dumps(
         {"sweep": name, "claim": sweep.claim, "task": lab_task.name,
-         "variants": [s.to_dict() for s in specs]}, indent=2) + "\n", encoding="utf-8")
+         "variants": [s.to_dict() for s in specs], "not_run": not_run}, indent=2) + "\n",
+        encoding="utf-8")
     return result

@@ -49,6 +49,7 @@ class Loaded:
     model: Any
     tokenizer: Any
     device: torch.device
+    task: Any = None  # the LabTask that loaded it (sweeps read label names from it)
 
 
 class LabTask:
