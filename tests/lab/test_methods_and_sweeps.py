@@ -97,3 +97,15 @@ def test_adalora_sweep_records_ranks_and_heatmap(tmp_path):
     # 2 layers x 6 matrices, each keeping at most init_r = 12
     assert len(ranks) == 12 and all(0 <= r <= 12 for r in ranks.values())
     assert (tmp_path / "adalora_ranks.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_definition_rouge_takes_the_best_sense():
+    from deltatune.lab.tasks import DefinitionTask
+
+    rows = [{"response": "a musician who plays the trumpet",
+             "references": ["a musician who plays the trumpet", "a large bird"]},
+            {"response": "a victory"}]
+    # row 1: exact match of one sense = 1; row 2: "a big victory" vs "a victory":
+    # LCS 2, precision 2/3, recall 1 -> F1 0.8
+    assert DefinitionTask.rouge_l(["a large bird", "a big victory"], rows) == \
+        pytest.approx((1.0 + 0.8) / 2)

@@ -310,15 +310,11 @@ class DefinitionTask(LabTask):
 
     @staticmethod
     def rouge_l(predictions: Sequence[str], rows: Sequence[dict]) -> float:
-        """Mean ROUGE-L F1 of each prediction against its best-matching reference sense."""
-        from rouge_score import rouge_scorer
+        """Mean ROUGE-L F1 against the word's senses (the best-matching one counts)."""
+        from deltatune.metrics import rouge_l
 
-        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-        total = 0.0
-        for pred, row in zip(predictions, rows, strict=True):
-            refs = row.get("references") or [row["response"]]
-            total += max(scorer.score(ref, pred)["rougeL"].fmeasure for ref in refs)
-        return total / max(len(rows), 1)
+        return rouge_l(list(predictions),
+                       [row.get("references") or [row["response"]] for row in rows])
 
     @torch.no_grad()
     def evaluate(self, model: Any, loaded: Loaded, size: TaskSize) -> dict[str, Any]:
