@@ -81,6 +81,15 @@ class TinyLM(LabTask):
         b.pop("labels")
         return b
 
+    @torch.no_grad()
+    def evaluate_icl(self, loaded, size, shots, seed):
+        # demonstrations = `shots` extra sequences of 8 tokens before the query
+        batch = self._batch(2, 7)
+        batch["input_ids"] = batch["input_ids"].repeat(1, shots + 1)
+        batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+        batch.pop("labels")
+        return {"neg_loss": -1.0}, batch
+
 
 @pytest.fixture(autouse=True)
 def tiny_tasks():

@@ -120,3 +120,13 @@ def test_causal_lm_task_runs(tmp_path):
     rec = res.runs["lora/seed3"]
     assert rec["status"] == "done" and rec["metrics"]["neg_loss"] < 0
     assert rec["train_tokens"] == 4 * 4 * 8
+
+
+def test_icl_row_trains_nothing_and_times_the_long_prompt(tmp_path):
+    res = compare("tiny-lm", [RunSpec("icl-3", "icl", shots=3)], seeds=[0], out=tmp_path,
+                  progress=False, echo=None, plots_too=False)
+    rec = res.runs["icl-3/seed0"]
+    assert rec["status"] == "done", rec.get("error")
+    assert rec["trainable_parameters"] == 0 and rec["checkpoint_bytes"] == 0
+    assert rec["prompt_tokens"] == 2 * 8 * 4  # 2 rows x (3 demonstrations + query) x 8
+    assert rec["latency_unmerged_ms"] > 0 and rec["metrics"]["neg_loss"] == -1.0

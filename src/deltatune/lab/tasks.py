@@ -375,8 +375,14 @@ def register_task(name: str, factory: Callable[[], LabTask]) -> None:
     _TASKS[name] = factory
 
 
+# the data set's name works too
+TASK_ALIASES = {"rotten-tomatoes": "sentiment", "wordnet-definitions": "definitions",
+                "wordnet-definitions-demo": "definitions"}
+
+
 def get_task(name: str) -> LabTask:
-    """Return a fresh instance of the task called ``name``."""
+    """Return a fresh instance of the task called ``name`` (or named by its data set)."""
+    name = TASK_ALIASES.get(name, name)
     try:
         return _TASKS[name]()
     except KeyError:
