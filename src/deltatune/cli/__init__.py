@@ -15,8 +15,18 @@ from deltatune.core.errors import DeltaTuneError
 
 # module name (in this package) of every subcommand, in --help order
 COMMANDS = [
-    "demo", "methods", "info", "train", "generate", "eval", "merge", "export",
-    "data", "models",
+    "demo",
+    "methods",
+    "info",
+    "train",
+    "generate",
+    "eval",
+    "merge",
+    "export",
+    "compare",
+    "sweep",
+    "data",
+    "models",
 ]
 
 
