@@ -129,3 +129,29 @@ def test_missing_state_is_a_hard_error_unless_partial_resume_is_allowed(tmp_path
     result = Trainer(dm3, task3, ROWS, None, cfg3).fit(resume=first.checkpoint)
     assert result.steps == 3 and result.resumed_from == first.checkpoint
     assert any("no optimizer state: AdamW moments start from zero" in n for n in result.notes)
+
+
+def test_adalora_budget_callback_state_resumes_bit_equal(tmp_path):
+    """AdaLoRA's importance scores and masks live in its callback; a resume restores them."""
+
+    def make(out):
+        torch.manual_seed(5)
+        dm = dt.attach(tiny_llama(), dt.AdaLoraConfig(
+            init_r=4, target_r=2, tinit=1, tfinal=1, deltaT=1, lora_alpha=8.0,
+            target_modules=["q_proj", "v_proj"]))
+        task = CausalLMSFT(char_tokenizer(), max_length=48, generate_examples=0)
+        cfg = TrainConfig(output_dir=str(out), epochs=2, batch_size=2, grad_accum=2, lr=2e-2,
+                          seed=3, progress=False)
+        return dm, task, cfg
+
+    dm, task, cfg = make(tmp_path / "straight")
+    Trainer(dm, task, ROWS, None, cfg).fit()
+    ref = final_state(dm)
+    assert any(int((t == 0).sum()) for k, t in ref.items() if "Lambda" in k)  # it pruned
+    dm1, task1, cfg1 = make(tmp_path / "cut")
+    Trainer(dm1, task1, ROWS, None, cfg1, callbacks=[StopAt(2, 1)]).fit()
+    dm2, task2, cfg2 = make(tmp_path / "cut")
+    Trainer(dm2, task2, ROWS, None, cfg2).fit(resume="auto")
+    got = final_state(dm2)
+    for k in ref:
+        assert torch.equal(got[k], ref[k]), k

@@ -63,8 +63,9 @@ def encode_state(obj: Any, tensors: dict[str, torch.Tensor], path: str = "s") ->
     error naming where it was found.
     """
     if isinstance(obj, torch.Tensor):
-        tensors[path] = obj.detach().cpu().contiguous()
-        return {"__tensor__": path}
+        key = f"{len(tensors)}:{path}"  # the counter keeps keys unique even if names hold dots
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"__tensor__": key}
     if isinstance(obj, np.ndarray):
         return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}
     if isinstance(obj, np.generic):
