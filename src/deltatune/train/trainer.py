@@ -172,6 +172,7 @@ class Trainer:
         # accelerate only sets up multi-process CPU training (gloo) when told cpu=True
         no_accelerator = not torch.cuda.is_available() and not (
             hasattr(torch.backends, "mps") and torch.backends.mps.is_available())
+        _allow_new_precision(self.config.mixed_precision)
         self.accelerator = Accelerator(mixed_precision=self.config.mixed_precision,
                                        cpu=no_accelerator)
         self.output_dir = Path(self.config.output_dir)
@@ -490,10 +491,12 @@ class Trainer:
     def _optimizer_step(self, window: list[list[int]], n_items: int) -> dict[str, Any] | None:
         acc, cfg = self.accelerator, self.config
         params = [p for _, p in self._trainable()]
-        fp16 = cfg.mixed_precision == "fp16"
+        # fp16 on CUDA has a grad scaler (accelerate gives none on CPU): overflow is its
+        # business, it skips the step and lowers the scale
+        fp16 = getattr(acc, "scaler", None) is not None
         if fp16:
             acc.unscale_gradients()
-        if not fp16:  # fp16 overflow is the grad scaler's business: it skips the step
+        else:
             bad = self._first_nonfinite(grads=True)
             if bad is not None and not self._nonfinite(
                     f"the gradient of {bad} is not finite", len(window) - 1, len(window),
@@ -754,6 +757,23 @@ class Trainer:
         if previous:
             for s, h in previous.items():
                 signal.signal(s, h)
+
+
+def _allow_new_precision(precision: str) -> None:
+    """Let a second Trainer in one single-process program use another mixed precision.
+
+    accelerate keeps one global state and refuses a different ``mixed_precision`` later;
+    with one process nothing else depends on that state, so it is reset. Under a
+    multi-process launch the state holds the process group and is left alone.
+    """
+    from accelerate.state import AcceleratorState, PartialState
+
+    if not AcceleratorState._shared_state or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
+    current = AcceleratorState._shared_state.get("_mixed_precision")
+    if current is not None and str(current) != precision:
+        AcceleratorState._reset_state(True)
+        PartialState._reset_state()
 
 
 def _fix_optimizer_state(state: dict[str, Any]) -> dict[str, Any]:
