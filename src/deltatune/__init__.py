@@ -27,17 +27,26 @@ from deltatune.core.errors import (
 )
 from deltatune.core.model import DeltaModel, LoadReport, attach, load, read_delta_directory
 from deltatune.core.registry import config_from_dict, get_method, known_methods
+from deltatune.interop import export_merged, load_peft
 from deltatune.methods import (
+    AdaLoraConfig,
     BitFitConfig,
     FullConfig,
     HoulsbyConfig,
+    IA3Config,
+    KronABConfig,
+    KronAConfig,
+    LoHaConfig,
     LoraConfig,
     ParallelAdapterConfig,
     PfeifferConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
     UnifiedConfig,
 )
 
 __all__ = [
+    "AdaLoraConfig",
     "AdapterFileCorrupt",
     "BaseModelMismatchError",
     "BitFitConfig",
@@ -51,6 +60,10 @@ __all__ = [
     "HoulsbyConfig",
     "HyperparameterError",
     "LoadReport",
+    "IA3Config",
+    "KronABConfig",
+    "KronAConfig",
+    "LoHaConfig",
     "LoraConfig",
     "MergeError",
     "ModelNotAvailableError",
@@ -63,11 +76,15 @@ __all__ = [
     "UnifiedConfig",
     "UnknownMethodError",
     "UnsafeFileError",
+    "PrefixTuningConfig",
+    "PromptTuningConfig",
     "__version__",
     "attach",
     "config_from_dict",
+    "export_merged",
     "get_method",
     "known_methods",
     "load",
+    "load_peft",
     "read_delta_directory",
 ]

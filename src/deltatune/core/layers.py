@@ -137,6 +137,24 @@ class LayerDelta(nn.Module):
         """Return (weight, bias) with the delta folded in (float32, canonical orientation)."""
         raise DeltaStateError(f"{type(self).__name__} cannot be merged into weights")
 
+    def fast_forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """Return ``post_forward(x, base(x))`` by a fused path, or None to use the plain one.
+
+        Called when this delta is the only live one on its layer (deltatune.kernels).
+        """
+        return None
+
+    @classmethod
+    def post_forward_rows(cls, owner: nn.Module, deltas: dict[str, LayerDelta],
+                          rows: Sequence[str | None], x: torch.Tensor,
+                          y: torch.Tensor) -> torch.Tensor | None:
+        """Return y with row i passed through ``deltas[rows[i]]`` (None: the base) in one go.
+
+        ``owner`` is the :class:`DeltaLayer` (a place for caches). None means "use the
+        plain per-group loop"; every delta in ``deltas`` is of this class.
+        """
+        return None
+
 
 def _canonical(weight: torch.Tensor, kind: str) -> torch.Tensor:
     """Weight in (d_out, d_in) orientation: Conv1D stores (d_in, d_out)."""
@@ -173,6 +191,10 @@ class DeltaLayer(nn.Module):
 
     def _run(self, deltas: Sequence[LayerDelta], x: torch.Tensor, args: tuple,
              kwargs: dict) -> torch.Tensor:
+        if len(deltas) == 1 and not args and not kwargs:
+            fused = deltas[0].fast_forward(self.base, x)
+            if fused is not None:
+                return fused
         for d in deltas:
             if d.modifies_input:
                 x = d.pre_forward(x)
@@ -201,6 +223,12 @@ class DeltaLayer(nn.Module):
         if not any(d.modifies_input for d in deltas.values()):
             # One base pass for the whole batch; each group adds its own delta.
             y = self.base(x, *args, **kwargs)
+            classes = {type(d) for d in deltas.values()}
+            if len(classes) == 1:
+                routed = [n if n in deltas else None for n in rows]
+                fast = classes.pop().post_forward_rows(self, deltas, routed, x, y)
+                if fast is not None:
+                    return fast
             out = y.clone()
             for n, d in deltas.items():
                 idx = torch.tensor(groups[n], device=x.device)
