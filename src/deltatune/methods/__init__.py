@@ -9,6 +9,7 @@ from deltatune.methods.ia3 import IA3, IA3Config
 from deltatune.methods.krona import KronA, KronAB, KronABConfig, KronAConfig
 from deltatune.methods.loha import LoHa, LoHaConfig
 from deltatune.methods.lora import Lora, LoraConfig
+from deltatune.methods.mam import Mam, MamConfig
 from deltatune.methods.parallel_adapter import ParallelAdapter, ParallelAdapterConfig
 from deltatune.methods.pfeiffer import Pfeiffer, PfeifferConfig
 from deltatune.methods.prefix import PrefixTuning, PrefixTuningConfig
@@ -29,6 +30,7 @@ register(BitFit)
 register(FullFineTune)
 register(PrefixTuning)
 register(PromptTuning)
+register(Mam)
 
 __all__ = [
     "AdaLora", "AdaLoraConfig",
@@ -39,6 +41,7 @@ __all__ = [
     "KronA", "KronAB", "KronABConfig", "KronAConfig",
     "LoHa", "LoHaConfig",
     "Lora", "LoraConfig",
+    "Mam", "MamConfig",
     "ParallelAdapter", "ParallelAdapterConfig",
     "Pfeiffer", "PfeifferConfig",
     "PrefixTuning", "PrefixTuningConfig",
