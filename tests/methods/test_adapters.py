@@ -372,3 +372,12 @@ def test_bf16_model_runs_adapters_in_bf16():
     delta = dm.model.model.layers[0].mlp.down_proj.deltas["default"]
     assert delta.down.weight.dtype == torch.bfloat16
     assert dm(**model_inputs("llama")).logits.dtype == torch.bfloat16
+
+
+def test_parallel_adapter_keeps_no_activation_after_forward():
+    dm = dt.DeltaModel(tiny_llama())
+    dm.add("a", dt.ParallelAdapterConfig(bottleneck_size=4))
+    dm.add("b", dt.ParallelAdapterConfig(bottleneck_size=4))  # b active, a inactive
+    logits(dm, model_inputs("llama"))
+    deltas = [dm.model.model.layers[i].mlp.down_proj.deltas[n] for i in (0, 1) for n in "ab"]
+    assert all(d.captured is None for d in deltas)

@@ -70,6 +70,15 @@ class MamConfig(DeltaConfig):
                                      adapter_dropout=self.adapter_dropout, layers=self.layers,
                                      site_modules=self.site_modules)
 
+    def dimensions(self) -> dict[str, dict[str, Any]]:
+        """Return the unified view's choices of each part (attention and FFN)."""
+        return {
+            "attention": {"functional_form": "prefix", "insertion": "parallel",
+                          "modified_representation": ["attention heads"],
+                          "composition": "gate", "prefix_length": self.prefix_length},
+            "ffn": self.adapter_config().dimensions(),
+        }
+
     def check(self) -> None:
         super().check()
         # Build both parts' configs now, so their checks run when this one is made.
