@@ -35,11 +35,15 @@ def logits(model, inputs):
         return model(**inputs).logits
 
 
-@pytest.mark.parametrize("which", sorted(ZERO_INIT))
-def test_zero_up_adapters_are_the_identity_at_init(arch, which):
+def test_zero_up_adapters_are_the_identity_at_init(arch):
     inputs = model_inputs(arch)
     expected = logits(FACTORIES[arch](), inputs)
-    dm = dt.attach(FACTORIES[arch](), ZERO_INIT[which])
+    dm = dt.DeltaModel(FACTORIES[arch]())
+    for name, config in ZERO_INIT.items():
+        dm.add(name, config)
+        dm.activate(name)
+        assert torch.equal(logits(dm, inputs), expected), name
+    dm.activate(*ZERO_INIT)  # all of them at once, stacked on the same layers
     assert torch.equal(logits(dm, inputs), expected)
 
 
@@ -328,3 +332,52 @@ def test_site_modules_must_be_linear_and_layers_in_range():
         dt.attach(tiny_llama(), dt.PfeifferConfig(layers=[5]))
     dm = dt.attach(tiny_llama(), dt.PfeifferConfig(layers=[1]))
     assert list(dm.get_delta("default").parts) == ["model.layers.1.mlp.down_proj"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "bart"])
+def test_generate_with_cache_equals_without(arch):
+    dm = dt.attach(FACTORIES[arch](), dt.ParallelAdapterConfig(
+        bottleneck_size=8, modified_representation=["attention", "ffn"]))
+    randomize_deltas(dm, std=0.5)
+    inputs = model_inputs(arch, batch=2)
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=1)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    with torch.no_grad():
+        cached = dm.generate(input_ids=ids, attention_mask=mask, use_cache=True, **kw)
+        uncached = dm.generate(input_ids=ids, attention_mask=mask, use_cache=False, **kw)
+        with dm.disabled():
+            base = dm.generate(input_ids=ids, attention_mask=mask, **kw)
+    assert torch.equal(cached, uncached)
+    assert not torch.equal(cached, base)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_llama()
+        dm = dt.attach(model, dt.ParallelAdapterConfig(
+            bottleneck_size=8, modified_representation=["attention", "ffn"]))
+        randomize_deltas(dm, std=0.3)
+        if checkpointing:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+            assert model.model.gradient_checkpointing
+        dm.train()
+        dm(**model_inputs("llama")).logits.pow(2).mean().backward()
+        grads.append([p.grad.clone() for p in dm.trainable_parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads, strict=True))
+
+
+def test_bf16_model_runs_adapters_in_bf16():
+    dm = dt.attach(tiny_llama().to(torch.bfloat16), dt.HoulsbyConfig(bottleneck_size=8))
+    delta = dm.model.model.layers[0].mlp.down_proj.deltas["default"]
+    assert delta.down.weight.dtype == torch.bfloat16
+    assert dm(**model_inputs("llama")).logits.dtype == torch.bfloat16
+
+
+def test_parallel_adapter_keeps_no_activation_after_forward():
+    dm = dt.DeltaModel(tiny_llama())
+    dm.add("a", dt.ParallelAdapterConfig(bottleneck_size=4))
+    dm.add("b", dt.ParallelAdapterConfig(bottleneck_size=4))  # b active, a inactive
+    logits(dm, model_inputs("llama"))
+    deltas = [dm.model.model.layers[i].mlp.down_proj.deltas[n] for i in (0, 1) for n in "ab"]
+    assert all(d.captured is None for d in deltas)

@@ -9,6 +9,7 @@ from deltatune.methods.ia3 import IA3, IA3Config
 from deltatune.methods.krona import KronA, KronAB, KronABConfig, KronAConfig
 from deltatune.methods.loha import LoHa, LoHaConfig
 from deltatune.methods.lora import Lora, LoraConfig
+from deltatune.methods.mam import Mam, MamConfig
 from deltatune.methods.mpt import MPT, MPTConfig
 from deltatune.methods.parallel_adapter import ParallelAdapter, ParallelAdapterConfig
 from deltatune.methods.pfeiffer import Pfeiffer, PfeifferConfig
@@ -32,6 +33,7 @@ register(BitFit)
 register(FullFineTune)
 register(PrefixTuning)
 register(PromptTuning)
+register(Mam)
 register(PTuning)
 register(PTuningV2)
 register(MPT)
@@ -45,6 +47,7 @@ __all__ = [
     "KronA", "KronAB", "KronABConfig", "KronAConfig",
     "LoHa", "LoHaConfig",
     "Lora", "LoraConfig",
+    "Mam", "MamConfig",
     "MPT", "MPTConfig",
     "PTuning", "PTuningConfig",
     "PTuningV2", "PTuningV2Config",

@@ -210,15 +210,27 @@ class AdapterDelta(LayerDelta):
         self.captured: torch.Tensor | None = None
 
     def capture(self, module: nn.Module, args: tuple) -> None:
-        """Forward pre-hook on the block's first module: keep the block input x."""
-        self.captured = args[0]
+        """Forward pre-hook on the block's first module: keep the block input x.
+
+        Only while this delta will run, so an inactive delta holds no activations.
+        """
+        x = args[0]
+        layer = self.__dict__.get("_layer")
+        rows = current_row_deltas(x.shape[0]) if x.dim() > 0 else None
+        if layer is None:
+            live = True
+        elif rows is not None:  # a per-row batch runs the deltas it names, active or not
+            live = not layer.disabled and self.delta_name in rows
+        else:
+            live = not layer.disabled and self.delta_name in layer.active
+        self.captured = x if live else None
 
     def _block_input(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.sequential:
             return y
         if self.same_module:
             return x
-        u = self.captured
+        u, self.captured = self.captured, None  # used once: do not keep activations alive
         if u is None:
             raise RuntimeError("parallel adapter ran before its block's input was seen")
         if u.shape[0] != y.shape[0]:
@@ -349,6 +361,8 @@ class UnifiedAdapter(LayerMethod):
             if not isinstance(delta, AdapterDelta):
                 continue
             delta.delta_name = name
+            # The wrapper that runs this delta (outside the module tree: no cycle).
+            delta.__dict__["_layer"] = get_submodule(model, location)
             if not delta.sequential and not delta.same_module:
                 first = get_submodule(model, self._sites[location])
                 first = first.base if isinstance(first, DeltaLayer) else first
