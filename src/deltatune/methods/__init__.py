@@ -6,6 +6,7 @@ from deltatune.methods.bitfit import BitFit, BitFitConfig
 from deltatune.methods.full import FullConfig, FullFineTune
 from deltatune.methods.houlsby import Houlsby, HoulsbyConfig
 from deltatune.methods.ia3 import IA3, IA3Config
+from deltatune.methods.ipt import IPT, IPTConfig
 from deltatune.methods.krona import KronA, KronAB, KronABConfig, KronAConfig
 from deltatune.methods.loha import LoHa, LoHaConfig
 from deltatune.methods.lora import Lora, LoraConfig
@@ -35,6 +36,7 @@ register(PromptTuning)
 register(PTuning)
 register(PTuningV2)
 register(MPT)
+register(IPT)
 
 __all__ = [
     "AdaLora", "AdaLoraConfig",
@@ -42,6 +44,7 @@ __all__ = [
     "FullConfig", "FullFineTune",
     "Houlsby", "HoulsbyConfig",
     "IA3", "IA3Config",
+    "IPT", "IPTConfig",
     "KronA", "KronAB", "KronABConfig", "KronAConfig",
     "LoHa", "LoHaConfig",
     "Lora", "LoraConfig",
