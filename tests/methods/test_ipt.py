@@ -107,3 +107,28 @@ def test_icl_baseline_ranks_choices_by_mean_log_probability():
             logp = F.log_softmax(model(input_ids=ids).logits[0, -2], -1)
             scores.append(logp[tok.encode(c)[0]].item())
         assert got[i] == max(range(2), key=lambda j: scores[j])
+
+
+def test_ipt_training_lowers_the_loss_and_trains_only_the_prompt():
+    pool = DemonstrationPool(POOL_IN, POOL_OUT, embed=bag_of_words)
+    cfg = dt.IPTConfig(prompt_length=4, init="random", num_demonstrations=1)
+    texts = [t + " " + y for t, y in zip(ipt_inputs(cfg, pool, ["dog ran slow", "big red"]),
+                                          ["no", "yes"], strict=True)]
+    rows = [Tok().encode(t) for t in texts]
+    n = max(len(r) for r in rows)
+    ids = torch.tensor([[0] * (n - len(r)) + r for r in rows])
+    mask = (ids != 0).long()
+    labels = ids.masked_fill(mask == 0, -100)
+    dm = dt.attach(tiny_llama(), cfg)
+    assert [n for n, p in dm.named_parameters() if p.requires_grad] == [
+        "model.deltatune_model_deltas.default.prompt"]
+    opt = torch.optim.Adam(dm.trainable_parameters(), lr=5e-2)
+    dm.train()
+    losses = []
+    for _ in range(20):
+        loss = dm(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05
