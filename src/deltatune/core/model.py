@@ -405,9 +405,9 @@ class DeltaModel(nn.Module):
         In training mode, regularisers of the active deltas (``extra_loss``) are added to
         the output's ``loss`` when the model computed one.
         """
-        args, kwargs, _ = model_delta.edit_call(self, args, kwargs)
+        args, kwargs, edit = model_delta.edit_call(self, args, kwargs)
         with self._routing(delta_names):
-            output = self.model(*args, **kwargs)
+            output = model_delta.align_outputs(self.model, self.model(*args, **kwargs), edit)
         if self.training and getattr(output, "loss", None) is not None:
             for n in self._active:
                 delta = self._deltas[n]
@@ -419,10 +419,10 @@ class DeltaModel(nn.Module):
     def generate(self, *args: Any, delta_names: Sequence[str | None] | None = None,
                  **kwargs: Any) -> Any:
         """Call the wrapped model's ``generate``; ``delta_names`` as in :meth:`forward`."""
-        args, kwargs, ids = model_delta.edit_call(self, args, kwargs, generate=True)
+        args, kwargs, edit = model_delta.edit_call(self, args, kwargs, generate=True)
         with self._routing(delta_names):
             output = self.model.generate(*args, **kwargs)
-        return model_delta.restore_generated(self.model, output, ids)
+        return model_delta.restore_generated(self.model, output, edit)
 
     def extra_loss(self) -> torch.Tensor | None:
         """Return the summed regularisers of the active deltas (None when there are none).

@@ -366,6 +366,8 @@ class InputEdit:
     others: dict[str, Any] = field(default_factory=dict)
     # The caller's ids as generate must return them (rows repeated with the batch).
     source_ids: torch.Tensor | None = None
+    # How many positions were put in front of every row.
+    prepended: int = 0
 
     @property
     def batch(self) -> int:
@@ -398,6 +400,7 @@ class InputEdit:
             raise ConfigError(f"a prompt must be (batch, length, {self.inputs_embeds.shape[-1]}); "
                               f"got {tuple(embeds.shape)}")
         b, p = self.batch, embeds.shape[1]
+        self.prepended += p
         embeds = embeds.to(self.inputs_embeds.dtype).expand(b, -1, -1)
         self.inputs_embeds = torch.cat([embeds, self.inputs_embeds], dim=1)
         ones = self.attention_mask.new_ones(b, p)
@@ -570,15 +573,26 @@ def _is_decoder_only(model: nn.Module) -> bool:
     return bool(getattr(cfg, "is_decoder", False) or (callable(can) and can()))
 
 
-Call = tuple[tuple[Any, ...], dict[str, Any], "torch.Tensor | None"]
+@dataclass
+class CallEdit:
+    """What :func:`edit_call` did: the caller's ids (for generate) and the prepended count."""
+
+    ids: torch.Tensor | None = None
+    prepended: int = 0
+    length: int = 0
+
+
+Call = tuple[tuple[Any, ...], dict[str, Any], CallEdit]
 
 
 def edit_call(dm: DeltaModel, args: tuple[Any, ...], kwargs: dict[str, Any], *,
               generate: bool = False) -> Call:
     """Apply the active input-editing deltas to a forward/generate call.
 
-    Returns the new (args, kwargs) and the caller's ``input_ids`` (None when nothing
-    was edited), which ``generate`` puts back in front of its output.
+    Returns the new (args, kwargs) and a :class:`CallEdit`: the caller's ``input_ids``
+    (None when nothing was edited), which ``generate`` puts back in front of its
+    output, and the number of prepended positions, which ``forward`` cuts from the
+    logits so they line up with the caller's inputs.
     """
     parts = _on_parts(dm)
     keys = {k for p in parts for k in p.consumes}
@@ -587,7 +601,7 @@ def edit_call(dm: DeltaModel, args: tuple[Any, ...], kwargs: dict[str, Any], *,
         part.receive({k: v for k, v in extra.items() if k in part.consumes})
     editors = [p for p in parts if p.edits_inputs]
     if not editors:
-        return args, kwargs, None
+        return args, kwargs, CallEdit()
     model = dm.model
     if args:
         if "input_ids" in kwargs or len(args) > 1:
@@ -637,11 +651,26 @@ def edit_call(dm: DeltaModel, args: tuple[Any, ...], kwargs: dict[str, Any], *,
         # As generate does: positions count real tokens, so left padding changes nothing.
         pos = edit.attention_mask.long().cumsum(-1) - 1
         kwargs["position_ids"] = pos.masked_fill(edit.attention_mask == 0, 1)
-    return args, kwargs, edit.source_ids
+    return args, kwargs, CallEdit(edit.source_ids, edit.prepended, n)
 
 
-def restore_generated(model: nn.Module, output: Any, ids: torch.Tensor | None) -> Any:
+def align_outputs(model: nn.Module, output: Any, edit: CallEdit) -> Any:
+    """Cut prepended prompt positions from ``output.logits`` (decoder-only and encoders).
+
+    The model's own loss already skipped them (labels are -100 there); after this, logits
+    line up with the caller's ``input_ids`` as without a prompt. Hidden states keep them.
+    """
+    logits = getattr(output, "logits", None)
+    if (edit.prepended and isinstance(logits, torch.Tensor) and logits.dim() == 3
+            and not _is_encoder_decoder(model)
+            and logits.shape[1] == edit.length + edit.prepended):
+        output.logits = logits[:, edit.prepended:]
+    return output
+
+
+def restore_generated(model: nn.Module, output: Any, edit: CallEdit) -> Any:
     """Put the caller's ids in front of a decoder-only ``generate`` output on embeddings."""
+    ids = edit.ids
     if ids is None or _is_encoder_decoder(model):
         return output
     if isinstance(output, torch.Tensor):

@@ -6,6 +6,7 @@ from deltatune.methods.bitfit import BitFit, BitFitConfig
 from deltatune.methods.full import FullConfig, FullFineTune
 from deltatune.methods.houlsby import Houlsby, HoulsbyConfig
 from deltatune.methods.ia3 import IA3, IA3Config
+from deltatune.methods.ipt import IPT, IPTConfig
 from deltatune.methods.krona import KronA, KronAB, KronABConfig, KronAConfig
 from deltatune.methods.loha import LoHa, LoHaConfig
 from deltatune.methods.lora import Lora, LoraConfig
@@ -37,6 +38,7 @@ register(Mam)
 register(PTuning)
 register(PTuningV2)
 register(MPT)
+register(IPT)
 
 __all__ = [
     "AdaLora", "AdaLoraConfig",
@@ -44,6 +46,7 @@ __all__ = [
     "FullConfig", "FullFineTune",
     "Houlsby", "HoulsbyConfig",
     "IA3", "IA3Config",
+    "IPT", "IPTConfig",
     "KronA", "KronAB", "KronABConfig", "KronAConfig",
     "LoHa", "LoHaConfig",
     "Lora", "LoraConfig",
