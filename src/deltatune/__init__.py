@@ -29,6 +29,7 @@ from deltatune.core.model import DeltaModel, LoadReport, attach, load, read_delt
 from deltatune.core.registry import config_from_dict, get_method, known_methods
 from deltatune.methods import (
     AdaLoraConfig,
+    CombinationConfig,
     IA3Config,
     KronABConfig,
     KronAConfig,
@@ -40,6 +41,7 @@ __all__ = [
     "AdaLoraConfig",
     "AdapterFileCorrupt",
     "BaseModelMismatchError",
+    "CombinationConfig",
     "ConfigError",
     "DataError",
     "DeltaConfig",
