@@ -119,6 +119,17 @@ def test_global_and_local_tensors():
     assert set(glob) | set(local) == set(dm.delta_state_dict())
 
 
+def test_info_shows_the_global_local_split(tmp_path):
+    from deltatune.cli.info import describe
+
+    cfg = dt.LoHaConfig(r=2, mode="pfedpara", target_modules=["q_proj"])
+    dt.attach(tiny_llama(), cfg).save_delta(tmp_path / "d")
+    summary = describe(str(tmp_path / "d"))["method_summary"]
+    # 2 layers x (X1: 32x2 + Y1: 32x2) global, the same count local.
+    assert summary["global (sent to the server)"] == "4 tensors, 256 values"
+    assert summary["local (stay on the client)"] == "4 tensors, 256 values"
+
+
 def test_training_reaches_only_the_delta_and_lowers_loss():
     dm = dt.attach(tiny_llama(), dt.LoHaConfig(r=4, target_modules=["q_proj", "v_proj",
                                                                      "down_proj"]))
