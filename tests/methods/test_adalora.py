@@ -291,3 +291,19 @@ def test_bad_inputs(capsys, tmp_path):
 
     assert main(["info", str(tmp_path / "l"), "--rank-heatmap", str(tmp_path / "x.png")]) == 2
     assert "reports no ranks" in capsys.readouterr().err
+
+
+def test_callback_state_resumes_the_schedule():
+    cfg = dt.AdaLoraConfig(init_r=3, target_r=1, target_modules=["q_proj"], total_step=6)
+    dm = dt.attach(tiny_llama(), cfg)
+    randomize_deltas(dm, std=0.3)
+    cb = dm.training_callbacks()[0]
+    cb.on_train_begin(dm, 6)
+    _one_backward(dm)
+    cb.on_optimizer_step(dm, 1)
+    state = cb.state_dict()
+    fresh = AdaLoraCallback(cb.deltas, cfg)
+    fresh.load_state_dict(state)
+    assert fresh.total == 6 and fresh.budgets == cb.budgets
+    assert set(fresh.ipt) == set(cb.ipt)
+    assert all(torch.equal(fresh.scores()[k], v) for k, v in cb.scores().items())
