@@ -27,20 +27,30 @@ from deltatune.core.errors import (
 )
 from deltatune.core.model import DeltaModel, LoadReport, attach, load, read_delta_directory
 from deltatune.core.registry import config_from_dict, get_method, known_methods
+from deltatune.interop import export_merged, load_peft
 from deltatune.methods import (
     AdaLoraConfig,
+    BitFitConfig,
     CombinationConfig,
+    FullConfig,
+    HoulsbyConfig,
     IA3Config,
     KronABConfig,
     KronAConfig,
     LoHaConfig,
     LoraConfig,
+    ParallelAdapterConfig,
+    PfeifferConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    UnifiedConfig,
 )
 
 __all__ = [
     "AdaLoraConfig",
     "AdapterFileCorrupt",
     "BaseModelMismatchError",
+    "BitFitConfig",
     "CombinationConfig",
     "ConfigError",
     "DataError",
@@ -48,6 +58,8 @@ __all__ = [
     "DeltaModel",
     "DeltaStateError",
     "DeltaTuneError",
+    "FullConfig",
+    "HoulsbyConfig",
     "HyperparameterError",
     "LoadReport",
     "IA3Config",
@@ -58,16 +70,23 @@ __all__ = [
     "MergeError",
     "ModelNotAvailableError",
     "NonFiniteError",
+    "ParallelAdapterConfig",
+    "PfeifferConfig",
     "StrictLoadError",
     "TargetError",
     "TargetedConfig",
+    "UnifiedConfig",
     "UnknownMethodError",
     "UnsafeFileError",
+    "PrefixTuningConfig",
+    "PromptTuningConfig",
     "__version__",
     "attach",
     "config_from_dict",
+    "export_merged",
     "get_method",
     "known_methods",
     "load",
+    "load_peft",
     "read_delta_directory",
 ]

@@ -27,7 +27,9 @@ ARCH_KEYS = (
     "tie_word_embeddings", "num_labels",
 )
 SAMPLES_PER_TENSOR = 16
-SAMPLED_TENSORS = 3
+# Every targeted tensor is sampled (up to this many, spread evenly), so a sibling that
+# differs in a single targeted layer is caught, not only one differing in 3 of them.
+SAMPLED_TENSORS = 256
 _EPS = {"float32": 2.0**-20, "float64": 2.0**-20, "bfloat16": 2.0**-7, "float16": 2.0**-10}
 
 
@@ -69,7 +71,11 @@ def base_fingerprint(model: nn.Module, target_weights: dict[str, torch.Tensor]) 
     """Return the fingerprint of ``model`` for a delta on ``target_weights`` (name -> weight)."""
     arch = architecture(model)
     names = sorted(target_weights)
-    picks = sorted({names[0], names[len(names) // 2], names[-1]}) if names else []
+    if len(names) <= SAMPLED_TENSORS:
+        picks = names
+    else:
+        step = (len(names) - 1) / (SAMPLED_TENSORS - 1)
+        picks = sorted({names[round(i * step)] for i in range(SAMPLED_TENSORS)})
     dtype = next(iter(target_weights.values())).dtype if target_weights else torch.float32
     return {
         "model_type": model_type(model),
