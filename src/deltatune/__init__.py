@@ -31,6 +31,7 @@ from deltatune.interop import export_merged, load_peft
 from deltatune.methods import (
     AdaLoraConfig,
     BitFitConfig,
+    CombinationConfig,
     FullConfig,
     HoulsbyConfig,
     IA3Config,
@@ -55,6 +56,7 @@ __all__ = [
     "AdapterFileCorrupt",
     "BaseModelMismatchError",
     "BitFitConfig",
+    "CombinationConfig",
     "ConfigError",
     "DataError",
     "DeltaConfig",

@@ -157,11 +157,15 @@ def _train_ours(dm, steps, lr=0.02):
 
 
 def test_training_prunes_to_the_target_budget_and_lowers_loss(tmp_path, capsys):
-    cfg = dt.AdaLoraConfig(init_r=4, target_r=2, tinit=2, tfinal=3, deltaT=1,
-                           target_modules="all-linear")
+    cfg = dt.AdaLoraConfig(init_r=4, target_r=2, tinit=1, tfinal=2, deltaT=1,
+                           target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
     dm = dt.attach(tiny_llama(), cfg)
-    losses = _train_ours(dm, 16)
+    base_before = {k: v.clone() for k, v in dm.model.state_dict().items() if "lora_" not in k}
+    assert all(".lora_" in n for n, p in dm.named_parameters() if p.requires_grad)
+    losses = _train_ours(dm, 9)
     assert losses[-1] < losses[0]
+    assert all(torch.equal(v, base_before[k]) for k, v in dm.model.state_dict().items()
+               if "lora_" not in k)
     cb = dm.training_callbacks()[0]
     n = len(cb.deltas)
     assert sum(cb.ranks().values()) == 2 * n
@@ -287,3 +291,19 @@ def test_bad_inputs(capsys, tmp_path):
 
     assert main(["info", str(tmp_path / "l"), "--rank-heatmap", str(tmp_path / "x.png")]) == 2
     assert "reports no ranks" in capsys.readouterr().err
+
+
+def test_callback_state_resumes_the_schedule():
+    cfg = dt.AdaLoraConfig(init_r=3, target_r=1, target_modules=["q_proj"], total_step=6)
+    dm = dt.attach(tiny_llama(), cfg)
+    randomize_deltas(dm, std=0.3)
+    cb = dm.training_callbacks()[0]
+    cb.on_train_begin(dm, 6)
+    _one_backward(dm)
+    cb.on_optimizer_step(dm, 1)
+    state = cb.state_dict()
+    fresh = AdaLoraCallback(cb.deltas, cfg)
+    fresh.load_state_dict(state)
+    assert fresh.total == 6 and fresh.budgets == cb.budgets
+    assert set(fresh.ipt) == set(cb.ipt)
+    assert all(torch.equal(fresh.scores()[k], v) for k, v in cb.scores().items())

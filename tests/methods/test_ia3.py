@@ -201,3 +201,26 @@ def test_bad_inputs_are_clear_errors():
 
     with pytest.raises(TargetError, match="IA3"):
         dt.attach(nn.Sequential(nn.Linear(4, 4)), dt.IA3Config())
+
+
+def test_per_row_batch_mixes_ia3_deltas_and_the_base():
+    dm = dt.DeltaModel(tiny_llama())
+    dm.add("a", dt.IA3Config())
+    dm.add("b", dt.IA3Config(layers=[1]))
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name in ("a", "b"):
+            for p in dm.get_delta(name).parameters():
+                p.copy_(1 + 0.5 * torch.randn(p.shape, generator=gen))
+    inputs = model_inputs("llama", batch=3)
+    names = ["b", None, "a"]
+    mixed = logits(dm, {**inputs, "delta_names": names})
+    for i, name in enumerate(names):
+        row = {k: v[i:i + 1] for k, v in inputs.items()}
+        if name is None:
+            with dm.disabled():
+                alone = logits(dm, row)
+        else:
+            dm.activate(name)
+            alone = logits(dm, row)
+        assert torch.allclose(mixed[i:i + 1], alone, atol=1e-6), name

@@ -3,6 +3,7 @@
 from deltatune.core.registry import register
 from deltatune.methods.adalora import AdaLora, AdaLoraConfig
 from deltatune.methods.bitfit import BitFit, BitFitConfig
+from deltatune.methods.combine import Combination, CombinationConfig
 from deltatune.methods.full import FullConfig, FullFineTune
 from deltatune.methods.houlsby import Houlsby, HoulsbyConfig
 from deltatune.methods.ia3 import IA3, IA3Config
@@ -26,6 +27,7 @@ register(AdaLora)
 register(LoHa)
 register(KronA)
 register(KronAB)
+register(Combination)
 register(UnifiedAdapter)
 register(Houlsby)
 register(Pfeiffer)
@@ -43,6 +45,7 @@ register(IPT)
 __all__ = [
     "AdaLora", "AdaLoraConfig",
     "BitFit", "BitFitConfig",
+    "Combination", "CombinationConfig",
     "FullConfig", "FullFineTune",
     "Houlsby", "HoulsbyConfig",
     "IA3", "IA3Config",

@@ -262,7 +262,7 @@ class AdaLora(LayerMethod):
     config_cls = AdaLoraConfig
     mergeable = True
     supported_types = (nn.Linear, Conv1D)
-    summary = "SVD-shaped update P diag(Lambda) Q with importance-based rank pruning (2023)"
+    summary = "P diag(Lambda) Q per target, rank pruned by importance (Zhang et al. 2023)"
 
     def default_targets(self, model: nn.Module, config: DeltaConfig) -> list[str]:
         layout = layout_for(model, what="AdaLoRA's default targets")

@@ -234,7 +234,7 @@ class KronAB(DeltaMethod):
     name = "kronab"
     config_cls = KronABConfig
     mergeable = False
-    summary = "KronA module beside each FFN block with a learned residual (not mergeable)"
+    summary = "KronA^B_res: KronA beside each FFN block + learned residual (Edalati et al. 2022)"
 
     def _select(self, model: nn.Module, config: KronABConfig) -> list[str]:
         targets = config.target_modules

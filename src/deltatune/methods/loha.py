@@ -79,6 +79,10 @@ def split_global_local(tensors: dict[str, torch.Tensor], config: LoHaConfig
     return out
 
 
+def _describe(tensors: dict[str, torch.Tensor]) -> str:
+    return f"{len(tensors)} tensors, {sum(t.numel() for t in tensors.values()):,} values"
+
+
 class LoHaDelta(LayerDelta):
     """X1, Y1, X2, Y2 for one linear, Conv1D or Conv2d layer."""
 
@@ -145,6 +149,15 @@ class LoHa(LayerMethod):
     def default_targets(self, model: nn.Module, config: DeltaConfig) -> list[str]:
         layout = layout_for(model, what="LoHa's default targets (W_q and W_v)")
         return present(model, tuple(dict.fromkeys(layout.query + layout.value)))
+
+    def summarize(self, config: DeltaConfig, tensors: dict[str, torch.Tensor]
+                  ) -> dict[str, object]:
+        """Return the mode and the global/local split (for ``deltatune info``)."""
+        assert isinstance(config, LoHaConfig)
+        glob, local = split_global_local(tensors, config)
+        return {"mode": config.mode,
+                "global (sent to the server)": _describe(glob),
+                "local (stay on the client)": _describe(local)}
 
     def make_delta(self, base: nn.Module, config: DeltaConfig, module_name: str) -> LoHaDelta:
         assert isinstance(config, LoHaConfig)

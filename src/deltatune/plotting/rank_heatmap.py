@@ -76,7 +76,8 @@ def plot_rank_heatmap(ranks: dict[str, int], path: str | Path, *,
 
     rows, columns, grid = rank_grid(ranks)
     values = np.array([[np.nan if v is None else v for v in r] for r in grid], dtype=float)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(columns), 1.0 + 0.4 * len(rows)))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.5 + 0.9 * len(columns)),
+                                    max(3.0, 1.5 + 0.4 * len(rows))))
     image = ax.imshow(values, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
     ax.set_yticks(range(len(rows)), rows)
@@ -86,8 +87,7 @@ def plot_rank_heatmap(ranks: dict[str, int], path: str | Path, *,
                 ax.text(j, i, str(v), ha="center", va="center", color="w", fontsize=8)
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label="rank")
-    fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
