@@ -100,3 +100,16 @@ def test_cuda_bf16_matches_float64_reference():
     rh, rw = torch.autograd.grad(ref, (hd, wd))
     assert abs(loss.item() - ref.item()) < 1e-2 * abs(ref.item())
     assert _rel(gh.double(), rh) < 1e-2 and _rel(gw.double(), rw) < 1e-2
+
+
+def test_regularisers_of_active_deltas_join_the_loss_as_in_forward():
+    from deltatune.methods.adalora import AdaLoraConfig
+
+    dm = dt.attach(tiny_llama(), AdaLoraConfig(init_r=4, target_r=2, total_step=10,
+                                               target_modules=["q_proj", "v_proj"]))
+    dm.train()
+    ids = token_batch(2, 8)
+    with torch.no_grad():
+        ref = dm(input_ids=ids, labels=ids).loss
+        fast = causal_lm_loss(dm, ids, ids)
+    assert abs(fast.item() - ref.item()) < 1e-5 * abs(ref.item())

@@ -127,3 +127,10 @@ def test_cuda_bf16_matches_float64_reference():
     assert _rel(out, ref) < 1e-2
     for g, r in zip(grads, ref_grads):
         assert _rel(g, r) < 1e-2
+
+
+def test_autocast_keeps_the_plain_path():
+    dm = dt.attach(tiny_llama(), dt.LoraConfig(r=4, target_modules=["q_proj"]))
+    layer = dm.model.model.layers[0].self_attn.q_proj
+    with fast_path("on"), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer.deltas["default"].fast_forward(layer.base, torch.randn(2, 32)) is None

@@ -16,7 +16,7 @@ from deltatune.kernels.multi_lora import (
     stack_concat,
     stack_padded,
 )
-from tests.conftest import randomize_deltas, tiny_llama, token_batch
+from tests.conftest import randomize_deltas, tiny_gpt2, tiny_llama, token_batch
 
 RANKS = (2, 5, 3)
 
@@ -84,17 +84,19 @@ def test_gradients_flow_through_the_batched_layouts():
     del y
 
 
-def _three_adapters():
-    dm = dt.attach(tiny_llama(), dt.LoraConfig(r=4, target_modules="all-linear"), name="a")
+def _three_adapters(factory=tiny_llama):
+    dm = dt.attach(factory(), dt.LoraConfig(r=4, target_modules="all-linear"), name="a")
     dm.add("b", dt.LoraConfig(r=2, lora_alpha=6, target_modules="all-linear"))
-    dm.add("c", dt.LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    third = ["q_proj", "v_proj"] if factory is tiny_llama else ["c_attn"]
+    dm.add("c", dt.LoraConfig(r=8, target_modules=third))
     randomize_deltas(dm, std=0.2)
     return dm.eval()
 
 
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
 @pytest.mark.parametrize("length", [1, 12])
-def test_model_mixed_batch_fast_equals_plain(length):
-    dm = _three_adapters()
+def test_model_mixed_batch_fast_equals_plain(length, factory):
+    dm = _three_adapters(factory)
     ids = token_batch(5, length)
     names = ["a", None, "c", "b", "a"]
     with torch.no_grad(), fast_path("off"):

@@ -154,7 +154,15 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
     # the last position of each row predicts nothing and is ignored.
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
     h = hidden.reshape(-1, hidden.shape[-1])
-    return fused_linear_cross_entropy(h, head.weight, head.bias, targets, chunk=chunk)
+    loss = fused_linear_cross_entropy(h, head.weight, head.bias, targets, chunk=chunk)
+    if isinstance(model, DeltaModel) and model.training:
+        # As DeltaModel.forward: regularisers of the active deltas join the loss.
+        for name in model.active:
+            delta = model.get_delta(name)
+            extra = delta.method.extra_loss(lm, delta)
+            if extra is not None:
+                loss = loss + extra
+    return loss
 
 
 __all__ = ["FusedLinearCrossEntropy", "causal_lm_loss", "fused_linear_cross_entropy",

@@ -127,7 +127,9 @@ class LoraDelta(LayerDelta):
                 and self.kind in ("linear", "conv1d") and fast_path_enabled(x)
                 and (isinstance(self.dropout, nn.Identity) or not self.training)
                 and x.dtype == base.weight.dtype and x.dtype.is_floating_point
-                and not base._forward_hooks and not base._forward_pre_hooks)
+                and not base._forward_hooks and not base._forward_pre_hooks
+                # Under autocast the plain path lets autocast pick the dtypes.
+                and not torch.is_autocast_enabled(x.device.type))
 
     def fast_forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         """Base output plus the LoRA term through one fused autograd Function, or None."""
