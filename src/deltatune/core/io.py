@@ -230,6 +230,9 @@ def verify_manifest(root: str | Path) -> dict[str, Any]:
                                      f"directory: {rel!r}")
         if not isinstance(entry, dict) or "size" not in entry or "sha256" not in entry:
             raise AdapterFileCorrupt(root / MANIFEST, f"bad manifest entry for {rel!r}")
+        if path.is_symlink() and not _inside(path, root):
+            raise AdapterFileCorrupt(path, "is a symbolic link to a file outside the "
+                                     "directory", "replace the link by the file itself")
         if not path.is_file():
             raise AdapterFileCorrupt(path, "listed in the manifest but missing",
                                      "the save was interrupted; use an earlier copy")
@@ -241,6 +244,15 @@ def verify_manifest(root: str | Path) -> dict[str, Any]:
             raise AdapterFileCorrupt(path, "sha256 differs from the manifest (the bytes were "
                                      "changed after saving)")
     return manifest
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """True when ``path`` (links followed) lies inside directory ``root``."""
+    try:
+        path.resolve().relative_to(root.resolve())
+    except (ValueError, OSError, RuntimeError):  # outside, or a link loop
+        return False
+    return True
 
 
 # -- strict readers -------------------------------------------------------------------------
@@ -339,3 +351,19 @@ def refuse_pickles(directory: str | Path) -> None:
         raise UnsafeFileError(
             f"{directory} holds only pickle-format weights ({', '.join(pickles)}); deltatune "
             f"never unpickles a user's file. Convert them to safetensors with a trusted tool.")
+
+
+def refuse_pickle_files(directory: str | Path) -> None:
+    """Raise :class:`UnsafeFileError` if ``directory`` holds any pickle-format file.
+
+    Used for directories deltatune wrote itself (deltas, checkpoints), which never
+    contain one: a ``.bin``/``.pt`` there was planted or left by another tool, and is
+    refused rather than silently skipped.
+    """
+    directory = Path(directory)
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise UnsafeFileError(
+            f"{directory} holds pickle-format file(s) ({', '.join(pickles)}) that deltatune "
+            f"never writes and never unpickles; they can run code when loaded. Remove them "
+            f"(or convert them to safetensors with a trusted tool) and load again.")

@@ -51,7 +51,7 @@ _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,63}$")
 
 def check_delta_name(name: str) -> str:
     """Return ``name`` if it is a safe delta name (letters, digits, '_' and '-')."""
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):  # match() would accept "x\n"
         raise ConfigError(f"delta name {name!r} is not allowed: use 1-64 letters, digits, '_' "
                           f"or '-', starting with a letter, digit or '_'.", field="name")
     return name
@@ -660,6 +660,7 @@ def read_delta_directory(directory: str | Path, *, allow_nonfinite: bool = False
         raise AdapterFileCorrupt(directory, "this is a Hugging Face PEFT adapter directory, "
                                  "which this version cannot read yet",
                                  "load it with peft, or save it again with deltatune")
+    io.refuse_pickle_files(directory)
     io.verify_manifest(directory)
     payload = io.read_json(directory / CONFIG_FILE, what="delta config")
     check_payload(directory / CONFIG_FILE, payload, format_name=FORMAT_NAME,
@@ -667,7 +668,8 @@ def read_delta_directory(directory: str | Path, *, allow_nonfinite: bool = False
     try:
         config = config_from_dict(payload["config"])
     except ConfigError as exc:
-        raise ConfigError(f"{directory / CONFIG_FILE}: {exc}", field=exc.field) from None
+        # Same error class (UnknownMethodError stays one), now naming the file.
+        raise type(exc)(f"{directory / CONFIG_FILE}: {exc}", field=exc.field) from None
     tensors, _meta = io.load_tensors(directory / WEIGHTS_FILE)
     if not allow_nonfinite:
         for key, t in tensors.items():
