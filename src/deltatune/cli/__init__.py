@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from deltatune.core.errors import DeltaTuneError
 
 # module name (in this package) of every subcommand, in --help order
-COMMANDS = ["methods", "info", "merge", "data", "models"]
+COMMANDS = ["methods", "info", "train", "generate", "eval", "merge", "export", "data", "models"]
 
 
 def build_parser() -> argparse.ArgumentParser:

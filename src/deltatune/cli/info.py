@@ -12,6 +12,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("info", help="show what a saved delta directory holds")
     p.add_argument("directory", help="a delta directory written by deltatune")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.add_argument("--rank-heatmap", metavar="PNG", default=None,
+                   help="for deltas that report ranks (AdaLoRA): draw the layer x matrix "
+                        "rank heatmap to this PNG file")
     p.set_defaults(handler=run)
 
 
@@ -51,6 +54,17 @@ def describe(directory: str) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     """Print the summary as text (or JSON with --json)."""
     info = describe(args.directory)
+    heatmap = getattr(args, "rank_heatmap", None)
+    if heatmap:
+        ranks = info["method_summary"].get("ranks")
+        if not ranks:
+            from deltatune.core.errors import DeltaStateError
+
+            raise DeltaStateError(f"delta method {info['method']!r} reports no ranks; "
+                                  f"--rank-heatmap needs an AdaLoRA delta")
+        from deltatune.plotting.rank_heatmap import plot_rank_heatmap
+
+        plot_rank_heatmap(ranks, heatmap, title=f"{info['name']}: rank kept")
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True, default=str))
         return 0
@@ -70,7 +84,13 @@ def run(args: argparse.Namespace) -> int:
     print("config     " + ", ".join(f"{k}={v!r}" for k, v in sorted(fields.items())))
     for key, value in (info["card"].get("metrics") or {}).items():
         print(f"metric     {key}: {value}")
-    summary = info["method_summary"]
+    summary = dict(info["method_summary"])
+    ranks = summary.pop("ranks", None)
+    if ranks:
+        from deltatune.plotting.rank_heatmap import format_rank_table
+
+        print("rank kept per layer and matrix:")
+        print("  " + format_rank_table(ranks).replace("\n", "\n  "))
     for key, value in summary.items():
         if isinstance(value, dict):
             print(f"{key}:")

@@ -94,20 +94,21 @@ def model_type_of(model: nn.Module) -> str | None:
     return getattr(config, "model_type", None)
 
 
-def layout_for(model: nn.Module, *, what: str = "this method") -> BlockLayout:
+def layout_for(model: nn.Module, *, what: str = "this method", fix: str | None = None
+               ) -> BlockLayout:
     """Return the :class:`BlockLayout` of ``model``'s architecture.
 
     Raises :class:`TargetError` for an architecture not in the table, naming the option
-    (``target_modules``) that lets the user give module names by hand.
+    that lets the user give module names by hand (``fix``; default: ``target_modules``).
     """
     kind = model_type_of(model)
     if kind in LAYOUTS:
         return LAYOUTS[kind]
     known = ", ".join(sorted(LAYOUTS))
+    fix = fix or "Pass target_modules with the module names by hand (e.g. ['q_proj', 'v_proj'])."
     raise TargetError(
         f"deltatune does not know where attention and FFN live in model type {kind!r} "
-        f"(known: {known}); {what} needs them. Pass target_modules with the module names "
-        f"by hand (e.g. ['q_proj', 'v_proj'])."
+        f"(known: {known}); {what} needs them. {fix}"
     )
 
 
@@ -115,3 +116,65 @@ def present(model: nn.Module, suffixes: tuple[str, ...]) -> list[str]:
     """Return the suffixes of ``suffixes`` that name at least one module of ``model``."""
     names = [n for n, _ in model.named_modules()]
     return [s for s in suffixes if any(n == s or n.endswith("." + s) for n in names)]
+
+
+# -- sites: where a representation enters and leaves a block ---------------------------
+# The unified view (He et al. 2022) modifies a hidden representation h, the output of a
+# sub-layer, with a function of either h itself (sequential insertion) or of the
+# sub-layer's input x (parallel insertion). Every architecture in the table computes a
+# block's output with one last projection and reads the block's input with a first
+# one, so a block is located by the pair (first module, last module): a hook on the
+# first sees x, a wrapper on the last sees h. This works for blocks that have no module
+# of their own (OPT and BART keep fc1/fc2 directly in the decoder layer).
+REPRESENTATIONS = ("attention", "ffn", "query", "key", "value")
+
+
+def _site_suffixes(layout: BlockLayout, representation: str) -> list[tuple[str, str]]:
+    if representation == "attention":
+        return list(zip(layout.query, layout.attn_out, strict=True))
+    if representation == "ffn":
+        return [(up, down) for down in layout.ffn_down for up in layout.ffn_up]
+    own = {"query": layout.query, "key": layout.key, "value": layout.value}[representation]
+    return [(name, name) for name in own]
+
+
+def block_sites(model: nn.Module, representation: str, *,
+                by_hand: dict[str, list[str]] | None = None,
+                option: str = "site_modules") -> list[tuple[str, str]]:
+    """Return (input module, output module) full names for every block of one kind.
+
+    ``representation`` is one of :data:`REPRESENTATIONS`. ``by_hand`` maps a
+    representation to ``[input suffix, output suffix]`` (or one suffix for a single
+    projection) and replaces the table's entry. The input module lives in the same
+    parent as its output module. Returns the pairs in model order; raises
+    :class:`TargetError` when the layout is unknown (naming ``option``) or nothing matched.
+    """
+    from deltatune.core.targets import iter_candidate_modules  # avoid an import cycle
+
+    if representation not in REPRESENTATIONS:
+        raise TargetError(f"unknown representation {representation!r}; use one of "
+                          f"{', '.join(REPRESENTATIONS)}")
+    example = ("e.g. {'attention': ['q_proj', 'o_proj'], 'ffn': ['fc1', 'fc2']} "
+               "(first module of the block, last module of the block)")
+    if by_hand and representation in by_hand:
+        names = by_hand[representation]
+        pairs = [(names[0], names[-1])]
+    else:
+        layout = layout_for(model, what=f"locating the {representation} blocks",
+                            fix=f"Give the module names by hand with {option}, {example}.")
+        pairs = _site_suffixes(layout, representation)
+    names = [n for n, _ in iter_candidate_modules(model)]
+    existing = set(names)
+    sites: dict[str, str] = {}
+    for name in names:
+        for first, last in pairs:
+            if name != last and not name.endswith("." + last):
+                continue
+            parent = name[: len(name) - len(last)]
+            if parent + first in existing and name not in sites:
+                sites[name] = parent + first
+    if not sites:
+        raise TargetError(f"no {representation} block found in {type(model).__name__} "
+                          f"(looked for {pairs}); give the module names by hand with "
+                          f"{option}, {example}.")
+    return [(first, last) for last, first in sites.items()]

@@ -62,8 +62,21 @@ def current_row_deltas(batch_size: int) -> tuple[str | None, ...] | None:
                           f"{batch_size} rows; give one delta name per input row.")
 
 
+NORM_CLASS_SUFFIXES = ("LayerNorm", "RMSNorm", "RmsNorm")
+
+
+def is_norm(module: nn.Module) -> bool:
+    """True for a normalisation layer with a learned scale (LayerNorm, RMSNorm, T5LayerNorm...)."""
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+        return isinstance(getattr(module, "weight", None), torch.Tensor)
+    # transformers defines its own RMS norms per model (LlamaRMSNorm, T5LayerNorm).
+    return (type(module).__name__.endswith(NORM_CLASS_SUFFIXES)
+            and isinstance(getattr(module, "weight", None), nn.Parameter)
+            and module.weight.dim() == 1)
+
+
 def layer_kind(module: nn.Module) -> str:
-    """Return 'linear', 'conv1d' (GPT-2's transposed linear), 'embedding' or 'conv2d'."""
+    """Return 'linear', 'conv1d' (GPT-2's transposed linear), 'embedding', 'conv2d' or 'norm'."""
     if isinstance(module, nn.Linear):
         return "linear"
     if isinstance(module, Conv1D):
@@ -72,6 +85,8 @@ def layer_kind(module: nn.Module) -> str:
         return "embedding"
     if isinstance(module, nn.Conv2d):
         return "conv2d"
+    if is_norm(module):
+        return "norm"
     raise TypeError(f"unsupported layer type {type(module).__name__}")
 
 
@@ -85,6 +100,8 @@ def layer_dims(module: nn.Module) -> tuple[int, int]:
         return int(d_in), int(d_out)
     if kind == "embedding":
         return module.num_embeddings, module.embedding_dim
+    if kind == "norm":
+        return module.weight.shape[0], module.weight.shape[0]
     return module.in_channels * module.kernel_size[0] * module.kernel_size[1], module.out_channels
 
 
@@ -119,6 +136,24 @@ class LayerDelta(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return (weight, bias) with the delta folded in (float32, canonical orientation)."""
         raise DeltaStateError(f"{type(self).__name__} cannot be merged into weights")
+
+    def fast_forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """Return ``post_forward(x, base(x))`` by a fused path, or None to use the plain one.
+
+        Called when this delta is the only live one on its layer (deltatune.kernels).
+        """
+        return None
+
+    @classmethod
+    def post_forward_rows(cls, owner: nn.Module, deltas: dict[str, LayerDelta],
+                          rows: Sequence[str | None], x: torch.Tensor,
+                          y: torch.Tensor) -> torch.Tensor | None:
+        """Return y with row i passed through ``deltas[rows[i]]`` (None: the base) in one go.
+
+        ``owner`` is the :class:`DeltaLayer` (a place for caches). None means "use the
+        plain per-group loop"; every delta in ``deltas`` is of this class.
+        """
+        return None
 
 
 def _canonical(weight: torch.Tensor, kind: str) -> torch.Tensor:
@@ -156,6 +191,10 @@ class DeltaLayer(nn.Module):
 
     def _run(self, deltas: Sequence[LayerDelta], x: torch.Tensor, args: tuple,
              kwargs: dict) -> torch.Tensor:
+        if len(deltas) == 1 and not args and not kwargs:
+            fused = deltas[0].fast_forward(self.base, x)
+            if fused is not None:
+                return fused
         for d in deltas:
             if d.modifies_input:
                 x = d.pre_forward(x)
@@ -184,6 +223,12 @@ class DeltaLayer(nn.Module):
         if not any(d.modifies_input for d in deltas.values()):
             # One base pass for the whole batch; each group adds its own delta.
             y = self.base(x, *args, **kwargs)
+            classes = {type(d) for d in deltas.values()}
+            if len(classes) == 1:
+                routed = [n if n in deltas else None for n in rows]
+                fast = classes.pop().post_forward_rows(self, deltas, routed, x, y)
+                if fast is not None:
+                    return fast
             out = y.clone()
             for n, d in deltas.items():
                 idx = torch.tensor(groups[n], device=x.device)
@@ -254,6 +299,9 @@ class DeltaLayer(nn.Module):
             return
         weight = self.base.weight
         gen = torch.Generator(device="cpu").manual_seed(0)
+        if self.kind == "norm":
+            self._probe_norm(delta, name, new_w, new_b, gen)
+            return
         if self.kind == "embedding":
             x = torch.randint(0, new_w.shape[0], (4, 8), generator=gen).to(weight.device)
         else:
@@ -267,6 +315,25 @@ class DeltaLayer(nn.Module):
                 got = torch.nn.functional.linear(x.float(), w)
             if new_b is not None:
                 got = got + new_b.to(weight.dtype).float()
+        scale = expected.abs().max().clamp_min(1e-6)
+        tolerance = 3e-2 if weight.dtype in (torch.float16, torch.bfloat16) else 1e-4
+        err = ((got - expected).abs().max() / scale).item()
+        if not err <= tolerance:
+            raise MergeError(f"merged output of delta {name!r} differs from the unmerged output "
+                             f"by {err:.2e} (relative) on a probe batch, above {tolerance:g}; "
+                             f"nothing was changed.")
+
+    def _probe_norm(self, delta: LayerDelta, name: str, new_w: torch.Tensor,
+                    new_b: torch.Tensor | None, gen: torch.Generator) -> None:
+        """The probe of :meth:`_probe` for a norm layer: run it with the merged tensors."""
+        weight = self.base.weight
+        x = torch.randn(4, new_w.shape[0], generator=gen).to(weight.device, weight.dtype)
+        params = {"weight": new_w.to(weight.dtype)}
+        if new_b is not None:
+            params["bias"] = new_b.to(weight.dtype)
+        with torch.no_grad():
+            expected = self._run([delta], x, (), {}).float()
+            got = torch.func.functional_call(self.base, params, (x,)).float()
         scale = expected.abs().max().clamp_min(1e-6)
         tolerance = 3e-2 if weight.dtype in (torch.float16, torch.bfloat16) else 1e-4
         err = ((got - expected).abs().max() / scale).item()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltatune.core import io
+from deltatune.core import io, model_delta
 from deltatune.core.config import LIBRARY_VERSION, DeltaConfig
 from deltatune.core.errors import (
     AdapterFileCorrupt,
@@ -405,6 +405,7 @@ class DeltaModel(nn.Module):
         In training mode, regularisers of the active deltas (``extra_loss``) are added to
         the output's ``loss`` when the model computed one.
         """
+        args, kwargs, _ = model_delta.edit_call(self, args, kwargs)
         with self._routing(delta_names):
             output = self.model(*args, **kwargs)
         if self.training and getattr(output, "loss", None) is not None:
@@ -418,8 +419,24 @@ class DeltaModel(nn.Module):
     def generate(self, *args: Any, delta_names: Sequence[str | None] | None = None,
                  **kwargs: Any) -> Any:
         """Call the wrapped model's ``generate``; ``delta_names`` as in :meth:`forward`."""
+        args, kwargs, ids = model_delta.edit_call(self, args, kwargs, generate=True)
         with self._routing(delta_names):
-            return self.model.generate(*args, **kwargs)
+            output = self.model.generate(*args, **kwargs)
+        return model_delta.restore_generated(self.model, output, ids)
+
+    def extra_loss(self) -> torch.Tensor | None:
+        """Return the summed regularisers of the active deltas (None when there are none).
+
+        ``forward`` adds this to the model's own loss in training mode; a training loop
+        that computes the loss itself from the logits adds it with this method.
+        """
+        total = None
+        for n in self._active:
+            delta = self._deltas[n]
+            extra = delta.method.extra_loss(self.model, delta)
+            if extra is not None:
+                total = extra if total is None else total + extra
+        return total
 
     def training_callbacks(self) -> list[Any]:
         """Return the step callbacks of the active deltas (for a training loop)."""
@@ -431,8 +448,9 @@ class DeltaModel(nn.Module):
 
     # -- parameters --------------------------------------------------------------------
     def delta_parameter_ids(self) -> set[int]:
-        """Return ``id()`` of every tensor owned by a delta."""
-        return {id(p) for d in self._deltas.values() for p in d.parameters()}
+        """Return ``id()`` of every tensor owned by a delta (not the base's own tensors)."""
+        return {id(p) for d in self._deltas.values() if not d.method.trains_base
+                for p in d.parameters()}
 
     def base_parameter_count(self) -> int:
         """Return the number of parameters of the base model (deltas excluded)."""
@@ -460,8 +478,11 @@ class DeltaModel(nn.Module):
                  f"of {base:,}" + ("" if r.active else " [inactive]")
                  for r in self.parameter_report()]
         trainable = sum(p.numel() for p in self.trainable_parameters())
-        lines.append(f"trainable: {trainable:,} of {base + trainable:,} "
-                     f"({100.0 * trainable / max(base + trainable, 1):.4f}%)")
+        ids = self.delta_parameter_ids()
+        extra = sum(p.numel() for p in self.trainable_parameters() if id(p) in ids)
+        total = base + extra  # a delta that trains the base adds nothing to the total
+        lines.append(f"trainable: {trainable:,} of {total:,} "
+                     f"({100.0 * trainable / max(total, 1):.4f}%)")
         return "\n".join(lines)
 
     def print_trainable_parameters(self) -> None:
@@ -520,14 +541,22 @@ class DeltaModel(nn.Module):
         return out
 
     def save_delta(self, directory: str | Path, name: str | None = None, *,
-                   card: dict[str, Any] | None = None) -> Path:
+                   card: dict[str, Any] | None = None, format: str = "deltatune") -> Path:
         """Save one delta as a directory: config JSON, safetensors, model card, manifest.
 
-        The directory is replaced atomically; non-finite tensors are refused. Returns the
-        directory path.
+        ``format="peft"`` writes Hugging Face PEFT's layout instead (adapter_config.json +
+        adapter_model.safetensors, see :mod:`deltatune.interop`). The directory is
+        replaced atomically; non-finite tensors are refused. Returns the directory path.
         """
-        from deltatune.core.card import render_card
+        from deltatune.core.card import card_defaults, render_card
 
+        if format == "peft":
+            from deltatune.interop.export import save_peft
+
+            return save_peft(self, directory, name, card=card)
+        if format != "deltatune":
+            raise ConfigError(f"unknown save format {format!r}; use 'deltatune' or 'peft'",
+                              field="format")
         delta = self._single(name)
         tensors = self.delta_state_dict(delta.name)
         for key, t in tensors.items():
@@ -546,7 +575,7 @@ class DeltaModel(nn.Module):
             "base_model": base_fingerprint(self.model, self._target_weights(delta)),
             "parameters": sum(t.numel() for t in tensors.values()),
             "base_parameters": self.base_parameter_count(),
-            "card": card or {},
+            "card": card_defaults(self.model, card),
         }
         directory = Path(directory)
         with io.atomic_directory(directory) as tmp:
@@ -563,18 +592,20 @@ class DeltaModel(nn.Module):
     def load_delta(self, directory: str | Path, name: str | None = None, *,
                    activate: bool = True, trainable: bool = False, strict: bool = True,
                    check_base: str = "strict", allow_nonfinite: bool = False,
-                   dtype: torch.dtype | None = None) -> str:
+                   dtype: torch.dtype | None = None, allow_pickle: bool = False) -> str:
         """Load a saved delta directory under ``name`` (default: its saved name).
 
         Everything is checked before the model changes: the manifest (sizes and sha256),
         the config, the tensors' finiteness, the base-model fingerprint (``check_base``:
         'strict', 'shapes' or 'off'), and the exact key set (``strict``). On failure the
-        model is left as it was. Returns the delta's name; the :class:`LoadReport`
-        (what ``strict=False`` let through, and every dtype cast) is kept in
-        ``get_delta(name).info["load_report"]``.
+        model is left as it was. A Hugging Face PEFT adapter directory is accepted too
+        (``allow_pickle`` admits a legacy ``adapter_model.bin``, with a warning). Returns
+        the delta's name; the :class:`LoadReport` (what ``strict=False`` let through, and
+        every dtype cast) is kept in ``get_delta(name).info["load_report"]``.
         """
         directory = Path(directory)
-        saved = read_delta_directory(directory, allow_nonfinite=allow_nonfinite)
+        saved = read_delta_directory(directory, allow_nonfinite=allow_nonfinite,
+                                     allow_pickle=allow_pickle)
         payload, tensors = saved.payload, saved.tensors
         name = check_delta_name(name or payload.get("name") or "default")
         config = saved.config
@@ -592,6 +623,8 @@ class DeltaModel(nn.Module):
             raise ConfigError("check_base must be 'strict', 'shapes' or 'off'", field="check_base")
         check_fingerprint(payload.get("base_model") or {}, self.model, target_weights,
                           level=check_base, source=str(directory))
+        if saved.check_model is not None:
+            saved.check_model(self.model, check_base)
         file_dtype = _file_dtype(tensors)
         previous_active = list(self._active)
         self.add(name, config, activate=False, trainable=trainable, dtype=dtype or file_dtype)
@@ -640,13 +673,19 @@ class SavedDelta:
     payload: dict[str, Any]
     config: DeltaConfig
     tensors: dict[str, torch.Tensor]
+    # Extra checks against the model, run before anything is attached (a PEFT directory
+    # has no fingerprint; its tensor shapes are compared with the model's layers instead).
+    check_model: Callable[[nn.Module, str], None] | None = None
 
 
-def read_delta_directory(directory: str | Path, *, allow_nonfinite: bool = False) -> SavedDelta:
+def read_delta_directory(directory: str | Path, *, allow_nonfinite: bool = False,
+                         allow_pickle: bool = False) -> SavedDelta:
     """Read and verify a saved delta directory without a model.
 
     Checks the manifest, the config (strict fields), the safetensors structure and the
-    tensors' finiteness. Returns a :class:`SavedDelta`.
+    tensors' finiteness. A Hugging Face PEFT adapter directory is read through
+    :mod:`deltatune.interop` (``allow_pickle`` admits its legacy ``adapter_model.bin``).
+    Returns a :class:`SavedDelta`.
     """
     directory = Path(directory)
     io.collect_stale(directory)
@@ -655,11 +694,12 @@ def read_delta_directory(directory: str | Path, *, allow_nonfinite: bool = False
     if not directory.is_dir():
         raise AdapterFileCorrupt(directory, "expected a delta directory, found a file",
                                  "pass the directory that holds delta_config.json")
-    io.refuse_pickles(directory)
     if not (directory / CONFIG_FILE).exists() and (directory / "adapter_config.json").exists():
-        raise AdapterFileCorrupt(directory, "this is a Hugging Face PEFT adapter directory, "
-                                 "which this version cannot read yet",
-                                 "load it with peft, or save it again with deltatune")
+        from deltatune.interop.peft_format import read_peft_directory
+
+        return read_peft_directory(directory, allow_nonfinite=allow_nonfinite,
+                                   allow_pickle=allow_pickle)
+    io.refuse_pickles(directory)
     io.refuse_pickle_files(directory)
     io.verify_manifest(directory)
     payload = io.read_json(directory / CONFIG_FILE, what="delta config")

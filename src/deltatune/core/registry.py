@@ -71,6 +71,9 @@ class DeltaMethod:
     supports_per_row: ClassVar[bool] = False
     # One-line description for `deltatune methods` and docs.
     summary: ClassVar[str] = ""
+    # The delta's tensors are the base model's own parameters (full fine-tuning): they
+    # count as base parameters, not as extra ones.
+    trains_base: ClassVar[bool] = False
 
     def attach(self, model: nn.Module, name: str, config: DeltaConfig) -> dict[str, nn.Module]:
         """Create the delta's tensors inside ``model``; return location -> module holding them."""

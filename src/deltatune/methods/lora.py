@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -31,6 +32,9 @@ from deltatune.core.config import DeltaConfig, TargetedConfig, param
 from deltatune.core.errors import HyperparameterError
 from deltatune.core.layer_method import LayerMethod
 from deltatune.core.layers import LayerDelta
+from deltatune.kernels import fast_path_enabled
+from deltatune.kernels.lora_linear import lora_linear
+from deltatune.kernels.multi_lora import AdapterBank
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -109,6 +113,34 @@ class LoraDelta(LayerDelta):
         else:
             hidden = self.dropout(x.to(A.dtype)) @ A.t()
         return y + (hidden @ B.t() * self.scale).to(y.dtype)
+
+    def _fast_ok(self, base: nn.Module, x: torch.Tensor) -> bool:
+        """True when the fused kernels (deltatune.kernels) compute this layer's output."""
+        return (self.kind in ("linear", "conv1d") and fast_path_enabled(x)
+                and (isinstance(self.dropout, nn.Identity) or not self.training)
+                and x.dtype == base.weight.dtype and x.dtype.is_floating_point
+                and not base._forward_hooks and not base._forward_pre_hooks)
+
+    def fast_forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """Base output plus the LoRA term through one fused autograd Function, or None."""
+        if not self._fast_ok(base, x):
+            return None
+        weight = base.weight.t() if self.kind == "conv1d" else base.weight
+        return lora_linear(x, weight, base.bias, self.lora_A, self.lora_B, self.scale)
+
+    @classmethod
+    def post_forward_rows(cls, owner: nn.Module, deltas: dict[str, LayerDelta],
+                          rows: Sequence[str | None], x: torch.Tensor,
+                          y: torch.Tensor) -> torch.Tensor | None:
+        """Mixed-adapter batch in two batched matmuls (deltatune.kernels.multi_lora)."""
+        loras = list(deltas.values())
+        if not all(isinstance(d, LoraDelta) and d._fast_ok(owner.base, x) for d in loras):
+            return None
+        names = list(deltas)
+        bank = owner.__dict__.setdefault("_lora_bank", AdapterBank())
+        row_adapter = [names.index(n) if n is not None else -1 for n in rows]
+        return bank.apply(names, [d.lora_A for d in loras], [d.lora_B for d in loras],
+                          [d.scale for d in loras], row_adapter, x, y)
 
     def delta_weight(self) -> torch.Tensor:
         """Return s * B A in float32: (d_out, d_in), or (vocab, dim) for an embedding."""

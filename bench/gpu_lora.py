@@ -1,0 +1,576 @@
+"""deltatune vs HF peft on one GPU, in one run: LoRA training, one layer, inference.
+
+    PYTHONPATH=src python bench/gpu_lora.py --check --layer --train --infer --shapes 1b
+
+Sections (each optional):
+  --check  fast paths against plain paths / float64 / peft on this GPU (fails loudly);
+  --layer  one adapted linear (4096 -> 14336, bf16, r=16) forward + input gradient vs
+           the frozen layer;
+  --train  LoRA r=16 on all linear layers of a Llama-shaped model with random weights:
+           step time, tokens/s, MFU (4N + attention per token), peak memory, with and
+           without gradient checkpointing; peft default (fp32 adapters), peft with bf16
+           adapters, deltatune plain path, deltatune fast path (+ fused CE), full FT;
+  --infer  prefill and decode (batch 1 and 32) for base, merged, unmerged, 4 and 32
+           adapters mixed in one batch, for deltatune and peft.
+Writes bench/results/gpu_lora-<time>.json (and $OUT/ when set) and prints ratios last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import deltatune as dt
+from deltatune.kernels import fast_path
+from deltatune.kernels.fused_ce import (
+    causal_lm_loss,
+    fused_linear_cross_entropy,
+    linear_cross_entropy_reference,
+)
+from deltatune.kernels.lora_linear import lora_linear, lora_linear_reference
+from deltatune.kernels.multi_lora import AdapterBank, multi_lora_reference
+
+PEAK_TFLOPS = 989.0  # H100/H200 SXM dense bf16 datasheet figure, the MFU denominator
+SHAPES = {
+    # Llama 3.2 1B and Llama 3.1 8B shapes (random weights).
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+               num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+               tie_word_embeddings=True),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+               tie_word_embeddings=False),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                 tie_word_embeddings=True),
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+RESULTS: dict = {"rows": []}
+
+
+def log(*a) -> None:
+    print(*a, flush=True)
+
+
+def dev() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timeit(fn, reps: int, warmup: int = 2) -> float:
+    """Median seconds of ``fn()`` over ``reps`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_reset() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def build(shape: str, dtype=torch.bfloat16, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, pad_token_id=0,
+                      bos_token_id=1, eos_token_id=2)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    with torch.device(dev()):
+        model = LlamaForCausalLM._from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+    return model
+
+
+def randomize(params, seed: int = 1, std: float = 0.02) -> None:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.copy_((torch.randn(p.shape, generator=g) * std).to(p.device, p.dtype))
+
+
+def lora_params(model):
+    return [p for n, p in model.named_parameters() if "lora_" in n]
+
+
+def attach_dt(model, r: int = 16, name: str = "default", dtype=None):
+    cfg = dt.LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS)
+    if isinstance(model, dt.DeltaModel):
+        model.add(name, cfg, dtype=dtype)
+        return model
+    return dt.attach(model, cfg, name=name, dtype=dtype)
+
+
+def attach_peft(model, r: int = 16, bf16: bool = False, name: str = "default"):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=TARGETS)
+    return get_peft_model(model, cfg, adapter_name=name, autocast_adapter_dtype=not bf16)
+
+
+def copy_dt_to_peft(dm, pm, name: str = "default") -> None:
+    peft_sd = dict(pm.named_parameters())
+    for key, tensor in dm.delta_state_dict(name).items():
+        # deltatune keys: '<module>.lora_A'; peft: '...<module>.lora_A.<name>.weight'
+        module, leaf = key.rsplit(".", 1)
+        hits = [k for k in peft_sd if k.endswith(f"{module}.{leaf}.{name}.weight")]
+        assert len(hits) == 1, (key, hits[:3])
+        with torch.no_grad():
+            peft_sd[hits[0]].copy_(tensor)
+
+
+# --------------------------------------------------------------------------- check
+def check() -> None:
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    d = dev()
+    failures = []
+
+    def expect(name, value, limit):
+        ok = value < limit and math.isfinite(value)
+        log(f"  check {name:<48} {value:.2e} < {limit:g} {'ok' if ok else 'FAIL'}")
+        RESULTS["rows"].append(dict(section="check", name=name, value=value, limit=limit))
+        if not ok:
+            failures.append(name)
+
+    for dtype, limit in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        g = torch.Generator(device="cpu").manual_seed(7)
+        x, w, b = (torch.randn(*s, generator=g).to(d, dtype).requires_grad_()
+                   for s in ((4, 300, 512), (768, 512), (768,)))
+        A = (torch.randn(16, 512, generator=g) * 0.1).to(d, dtype).requires_grad_()
+        B = (torch.randn(768, 16, generator=g) * 0.1).to(d, dtype).requires_grad_()
+        out = lora_linear(x, w, b, A, B, 2.0)
+        out_check = out.detach().clone()
+        gy = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (x, A, B), gy)
+        ins = [t.detach().double().requires_grad_() for t in (x, w, b, A, B)]
+        ref = lora_linear_reference(*ins, 2.0)
+        rgrads = torch.autograd.grad(ref, (ins[0], ins[3], ins[4]), gy.double())
+        tag = str(dtype).split(".")[1]
+        expect(f"lora_linear {tag} out vs float64", rel(out_check, ref), limit)
+        for n, a, r_ in zip(("dx", "dA", "dB"), grads, rgrads):
+            expect(f"lora_linear {tag} {n} vs float64", rel(a, r_), limit)
+
+        h = torch.randn(3000, 256, generator=g).to(d, dtype).requires_grad_()
+        W = (torch.randn(5000, 256, generator=g) * 0.05).to(d, dtype).requires_grad_()
+        t = torch.randint(0, 5000, (3000,), generator=g).to(d)
+        t[::7] = -100
+        loss = fused_linear_cross_entropy(h, W, None, t, chunk=700)
+        gh, gw = torch.autograd.grad(loss, (h, W))
+        hd, wd = h.detach().double().requires_grad_(), W.detach().double().requires_grad_()
+        rl = linear_cross_entropy_reference(hd, wd, None, t)
+        rh, rw = torch.autograd.grad(rl, (hd, wd))
+        expect(f"fused CE {tag} loss vs float64", abs(loss.item() - rl.item()) / rl.item(),
+               limit)
+        expect(f"fused CE {tag} dh vs float64", rel(gh, rh), limit)
+        expect(f"fused CE {tag} dW vs float64", rel(gw, rw), limit)
+
+        As = [torch.randn(r, 512, generator=g).to(d, dtype) * 0.1 for r in (4, 16, 8)]
+        Bs = [torch.randn(768, r, generator=g).to(d, dtype) * 0.1 for r in (4, 16, 8)]
+        rows = [0, 2, -1, 1, 1, 0, 2, 2]
+        for tokens in (1, 64):
+            xx = torch.randn(8, tokens, 512, generator=g).to(d, dtype)
+            yy = torch.randn(8, tokens, 768, generator=g).to(d, dtype)
+            ref_m = multi_lora_reference(xx.double(), yy.double(), rows,
+                                         [a.double() for a in As], [b_.double() for b_ in Bs],
+                                         [1.0, 2.0, 0.5])
+            got = AdapterBank().apply(["a", "b", "c"], As, Bs, [1.0, 2.0, 0.5], rows, xx,
+                                      yy.clone())
+            expect(f"multi-lora {tag} tokens={tokens} vs float64", rel(got, ref_m), limit)
+
+    # Whole model, fast path vs plain path vs peft with the same weights (float32).
+    model = build("tiny", torch.float32)
+    ids = torch.randint(3, 512, (2, 64), device=d)
+    dm = attach_dt(model, r=8)
+    randomize(lora_params(dm), std=0.1)
+    dm.set_trainable("default")
+    params = dm.trainable_parameters()
+    dm.train()
+    with fast_path("off"):
+        ref = dm(input_ids=ids, labels=ids)
+        rgrads = torch.autograd.grad(ref.loss, params)
+    with fast_path("on"):
+        fast_loss = causal_lm_loss(dm, ids, ids)
+        fgrads = torch.autograd.grad(fast_loss, params)
+        fast_logits = dm(input_ids=ids).logits
+    expect("model fp32 logits fast vs plain", rel(fast_logits, ref.logits), 1e-5)
+    expect("model fp32 loss fused vs HF", abs(fast_loss.item() - ref.loss.item()), 1e-5)
+    expect("model fp32 lora grads fast vs plain",
+           max(rel(a, b) for a, b in zip(fgrads, rgrads)), 1e-5)
+    pm = attach_peft(build("tiny", torch.float32), r=8).to(d)
+    copy_dt_to_peft(dm, pm)
+    with torch.no_grad():
+        peft_logits = pm(input_ids=ids).logits
+    expect("model fp32 logits fast vs peft", rel(fast_logits, peft_logits), 1e-5)
+    RESULTS["check_failures"] = failures
+    if failures:
+        raise SystemExit(f"correctness checks failed: {failures}")
+
+
+# --------------------------------------------------------------------------- layer
+def layer_bench(tokens: int, reps: int) -> None:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    d, dtype = dev(), torch.bfloat16
+    d_in, d_out, r = (4096, 14336, 16) if d.type == "cuda" else (64, 96, 4)
+    torch.manual_seed(0)
+    lin = nn.Linear(d_in, d_out, bias=False, device=d, dtype=dtype).requires_grad_(False)
+    x = torch.randn(tokens, d_in, device=d, dtype=dtype, requires_grad=True)
+    gy = torch.randn(tokens, d_out, device=d, dtype=dtype)
+    A = (torch.randn(r, d_in, device=d, dtype=dtype) * 0.02).requires_grad_()
+    B = (torch.randn(d_out, r, device=d, dtype=dtype) * 0.02).requires_grad_()
+
+    def step(f):
+        def run():
+            out = f()
+            out.backward(gy)
+            x.grad = None
+            A.grad = B.grad = None
+        return run
+
+    rows = {}
+    rows["frozen"] = timeit(step(lambda: lin(x)), reps)
+    rows["deltatune fast"] = timeit(step(lambda: lora_linear(x, lin.weight, None, A, B, 2.0)),
+                                    reps)
+    rows["deltatune plain"] = timeit(
+        step(lambda: lora_linear_reference(x, lin.weight, None, A, B, 2.0)), reps)
+    for label, fp32 in (("peft default (fp32 adapters)", True), ("peft bf16 adapters", False)):
+        holder = nn.Module()
+        holder.lin = lin
+        holder = inject_adapter_in_model(
+            LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=["lin"]), holder)
+        for p in lora_params(holder):
+            p.data = p.data.to(torch.float32 if fp32 else dtype)
+        randomize(lora_params(holder), std=0.02)
+        rows[label] = timeit(step(lambda h=holder: h.lin(x)), reps)
+        holder.lin = holder.lin.base_layer  # unwrap for the next variant
+    for name, sec in rows.items():
+        RESULTS["rows"].append(dict(section="layer", name=name, seconds=sec, tokens=tokens,
+                                    shape=[d_in, d_out], r=r,
+                                    ratio_vs_frozen=sec / rows["frozen"]))
+        log(f"  layer {name:<32} {sec * 1e3:8.3f} ms  {sec / rows['frozen']:.3f}x frozen")
+
+
+# --------------------------------------------------------------------------- train
+def count_flops(shape: str, n_params: int, seq: int) -> float:
+    """Training FLOPs per token with frozen weights: 4N + causal attention (fwd+2x bwd)."""
+    s = SHAPES[shape]
+    attn = 3 * 2 * s["num_hidden_layers"] * seq * s["hidden_size"]  # 4·T·d fwd, /2 causal
+    return 4 * n_params + attn
+
+
+def train_bench(shape: str, batch: int, seq: int, steps: int, variants: list[str],
+                checkpointing: bool) -> None:
+    d = dev()
+    g = torch.Generator(device="cpu").manual_seed(0)
+    vocab = SHAPES[shape]["vocab_size"]
+    ids = torch.randint(3, vocab, (batch, seq), generator=g).to(d)
+    for variant in variants:
+        peak_reset()
+        model = build(shape)
+        n_params = sum(p.numel() for p in model.parameters())
+        if variant == "full FT":
+            net, params = model, list(model.parameters())
+        elif variant.startswith("peft"):
+            net = attach_peft(model, bf16="bf16" in variant)
+            params = lora_params(net)
+        else:
+            net = attach_dt(model)
+            net.set_trainable("default")
+            params = net.trainable_parameters()
+        if variant != "full FT":
+            randomize(params, std=0.02)
+        if checkpointing:
+            (net.model if isinstance(net, dt.DeltaModel) else net).gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        net.train()
+        opt = torch.optim.AdamW(params, lr=1e-5, fused=d.type == "cuda")
+        mode = "off" if variant == "deltatune plain" else "on" if d.type == "cpu" else "auto"
+        fused_ce = variant == "deltatune fast"
+
+        def step(net=net, opt=opt, fused_ce=fused_ce, mode=mode):
+            with fast_path(mode):
+                if fused_ce:
+                    loss = causal_lm_loss(net, ids, ids, use_cache=False)
+                else:
+                    loss = net(input_ids=ids, labels=ids, use_cache=False).loss
+                # Inside the mode: checkpointed layers recompute in backward.
+                loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss
+
+        try:
+            sec = timeit(step, steps, warmup=2)
+            peak = peak_gib()
+            err = None
+        except torch.OutOfMemoryError as e:  # report, keep going
+            sec, peak, err = float("nan"), float("nan"), str(e).split("\n")[0]
+        tok = batch * seq
+        mfu = count_flops(shape, n_params, seq) * tok / sec / (PEAK_TFLOPS * 1e12)
+        row = dict(section="train", shape=shape, name=variant, checkpointing=checkpointing,
+                   batch=batch, seq=seq, seconds=sec, tokens_per_s=tok / sec, mfu=mfu,
+                   peak_gib=peak, dtype_adapters=str(params[0].dtype), error=err)
+        RESULTS["rows"].append(row)
+        log(f"  train {shape} ckpt={checkpointing!s:<5} {variant:<32} {sec:7.3f} s/step "
+            f"{tok / sec:9.0f} tok/s  MFU {mfu * 100:5.1f}%  peak {peak:6.1f} GiB  "
+            f"adapters {row['dtype_adapters']}{'  ' + err if err else ''}")
+        del net, model, opt, params, step
+        peak_reset()
+
+
+# --------------------------------------------------------------------------- infer
+def infer_bench(shape: str, prefill_batch: int, prefill_len: int, decode_tokens: int,
+                frameworks: list[str], reps: int) -> None:
+    d = dev()
+    vocab = SHAPES[shape]["vocab_size"]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    prompt = torch.randint(3, vocab, (prefill_batch, prefill_len), generator=g).to(d)
+    short = torch.randint(3, vocab, (32, 16), generator=g).to(d)
+    names32 = [f"a{i}" for i in range(32)]
+
+    def prefill(net, rows=None):
+        kw = {} if rows is None else dict(**rows)
+        with torch.no_grad():
+            return net(input_ids=prompt, logits_to_keep=1, use_cache=False, **kw).logits
+
+    def decode(net, batch, rows=None):
+        kw = dict(max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, do_sample=False,
+                  pad_token_id=0)
+        if rows is not None:
+            kw.update(rows)
+        with torch.no_grad():
+            net.generate(short[:batch], attention_mask=torch.ones_like(short[:batch]), **kw)
+
+    def record(fw, what, sec, per_token=False, batch=None):
+        RESULTS["rows"].append(dict(section="infer", shape=shape, framework=fw, name=what,
+                                    seconds=sec, per_token=per_token, batch=batch))
+        unit = "ms/token" if per_token else "ms"
+        log(f"  infer {shape} {fw:<10} {what:<24} {sec * 1e3:9.3f} {unit}")
+
+    for fw in frameworks:
+        peak_reset()
+        model = build(shape).eval()
+        record(fw, "prefill base", timeit(lambda m=model: prefill(m), reps))
+        for b in (1, 32):
+            record(fw, f"decode b{b} base",
+                   timeit(lambda m=model, b=b: decode(m, b), 2, 1) / decode_tokens, True, b)
+        if fw == "deltatune":
+            net = attach_dt(model, name="a0")
+            randomize(lora_params(net), seed=2)
+            rowkw = "delta_names"
+        else:
+            net = attach_peft(model, bf16=fw == "peft-bf16", name="a0")
+            randomize(lora_params(net), seed=2)
+            rowkw = "adapter_names"
+        net.eval()
+        record(fw, "prefill unmerged", timeit(lambda n=net: prefill(n), reps))
+        for b in (1, 32):
+            record(fw, f"decode b{b} unmerged",
+                   timeit(lambda b=b, n=net: decode(n, b), 2, 1) / decode_tokens, True, b)
+        if fw == "deltatune":
+            net.merge()
+        else:
+            net.merge_adapter()
+        record(fw, "prefill merged", timeit(lambda n=net: prefill(n), reps))
+        for b in (1, 32):
+            record(fw, f"decode b{b} merged",
+                   timeit(lambda b=b, n=net: decode(n, b), 2, 1) / decode_tokens, True, b)
+        if fw == "deltatune":
+            net.unmerge()
+        else:
+            net.unmerge_adapter()
+        for name in names32[1:]:
+            if fw == "deltatune":
+                attach_dt(net, name=name)
+            else:
+                from peft import LoraConfig
+                net.add_adapter(name, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                                                 target_modules=TARGETS))
+        if fw != "deltatune":
+            for n, p in net.named_parameters():
+                if "lora_" in n:
+                    p.data = p.data.to(torch.bfloat16 if fw == "peft-bf16" else torch.float32)
+            net.set_adapter("a0")
+        randomize(lora_params(net), seed=3)
+        for k in (4, 32):
+            rows = {rowkw: [names32[i % k] for i in range(prefill_batch)]}
+            record(fw, f"prefill mixed-{k}", timeit(
+                lambda rows=rows, n=net: prefill(n, rows), reps))
+            rows32 = {rowkw: [names32[i % k] for i in range(32)]}
+            sec = timeit(lambda r_=rows32, n=net: decode(n, 32, r_), 2, 1)
+            record(fw, f"decode b32 mixed-{k}", sec / decode_tokens, True, 32)
+        net = model = None
+        peak_reset()
+
+
+# --------------------------------------------------------------------------- summary
+def div(a: float, b: float) -> float:
+    """a / b, NaN when b is 0 or either is missing."""
+    return a / b if b and math.isfinite(a) and math.isfinite(b) else math.nan
+
+
+def summary() -> None:
+    rows = RESULTS["rows"]
+
+    def get(**kw):
+        hits = [r for r in rows if all(r.get(k) == v for k, v in kw.items())]
+        return hits[0]["seconds"] if hits else float("nan")
+
+    log("\n=== ratios (lower is better unless noted) ===")
+    lay = {r["name"]: r for r in rows if r["section"] == "layer"}
+    for name, r in lay.items():
+        log(f"layer  {name:<34} {r['ratio_vs_frozen']:.3f}x frozen layer (target <= 1.10)")
+    for r in rows:
+        if r["section"] == "train":
+            log(f"train {r['shape']} ckpt={r['checkpointing']!s:<5} {r['name']:<30} "
+                f"{r['seconds']:.3f}s  MFU {r['mfu'] * 100:5.1f}%  peak {r['peak_gib']:.1f} GiB")
+    shapes = sorted({r["shape"] for r in rows if r["section"] == "train"})
+    for shape in shapes:
+        for ck in (False, True):
+            fast = get(section="train", shape=shape, name="deltatune fast", checkpointing=ck)
+            pdef = get(section="train", shape=shape, name="peft default", checkpointing=ck)
+            pbf = get(section="train", shape=shape, name="peft bf16", checkpointing=ck)
+            mem = {r["name"]: r["peak_gib"] for r in rows if r["section"] == "train"
+                   and r["shape"] == shape and r["checkpointing"] == ck}
+            log(f"train {shape} ckpt={ck}: fast/peft-default {div(fast, pdef):.3f} (target <= 0.55)"
+                f"  fast/peft-bf16 {div(fast, pbf):.3f} (target <= 0.8)  peak fast/peft-default "
+                f"{div(mem.get('deltatune fast', math.nan), mem.get('peft default', math.nan)):.3f}"
+                f" (target <= 0.6)  peak fast/full-FT "
+                f"{div(mem.get('deltatune fast', math.nan), mem.get('full FT', math.nan)):.3f}")
+    fws = sorted({r["framework"] for r in rows if r["section"] == "infer"})
+    for shape in sorted({r["shape"] for r in rows if r["section"] == "infer"}):
+        for fw in fws:
+            def s(name, fw=fw, shape=shape):
+                return get(section="infer", shape=shape, framework=fw, name=name)
+            log(f"infer {shape} {fw:<10} prefill unmerged/merged "
+                f"{div(s('prefill unmerged'), s('prefill merged')):.3f} (<=1.05)  "
+                f"mixed-4/base {div(s('prefill mixed-4'), s('prefill base')):.3f}  "
+                f"mixed-32/base {div(s('prefill mixed-32'), s('prefill base')):.3f}  "
+                f"throughput mixed-32 vs unmerged "
+                f"{div(s('prefill unmerged'), s('prefill mixed-32')):.3f} (>=0.85)")
+            log(f"infer {shape} {fw:<10} decode unmerged/merged b1 "
+                f"{div(s('decode b1 unmerged'), s('decode b1 merged')):.3f} b32 "
+                f"{div(s('decode b32 unmerged'), s('decode b32 merged')):.3f} (<=1.10)  "
+                f"b32 mixed-32 throughput vs unmerged "
+                f"{div(s('decode b32 unmerged'), s('decode b32 mixed-32')):.3f} (>=0.85)")
+        if "deltatune" in fws:
+            for fw in fws:
+                if fw == "deltatune":
+                    continue
+                for name in ("prefill unmerged", "prefill mixed-4", "prefill mixed-32",
+                             "decode b1 unmerged", "decode b32 unmerged", "decode b32 mixed-32"):
+                    ours = get(section="infer", shape=shape, framework="deltatune", name=name)
+                    theirs = get(section="infer", shape=shape, framework=fw, name=name)
+                    log(f"infer {shape} deltatune/{fw:<10} {name:<22} {div(ours, theirs):.3f}")
+
+
+def environment(argv: list[str]) -> dict:
+    import peft
+    import transformers
+
+    info = dict(command="PYTHONPATH=src python bench/gpu_lora.py " + " ".join(argv),
+                python=platform.python_version(), torch=torch.__version__,
+                transformers=transformers.__version__, peft=peft.__version__,
+                deltatune=dt.__version__, host=platform.node(),
+                time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+        with contextlib.suppress(Exception):
+            import triton
+            info["triton"] = triton.__version__
+    return info
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--layer", action="store_true")
+    ap.add_argument("--train", action="store_true")
+    ap.add_argument("--infer", action="store_true")
+    ap.add_argument("--shapes", default="1b", help="comma list of 1b, 8b, tiny")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--ckpt", default="0,1", help="gradient checkpointing settings to run")
+    ap.add_argument("--variants", default="peft default,peft bf16,deltatune plain,"
+                                          "deltatune fast (HF loss),deltatune fast,full FT")
+    ap.add_argument("--frameworks", default="deltatune,peft,peft-bf16")
+    ap.add_argument("--prefill", default="32x512", help="BATCHxLEN of the prefill batch")
+    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--layer-tokens", type=int, default=16384)
+    ap.add_argument("--train-shapes", default=None, help="shapes for --train (default --shapes)")
+    args = ap.parse_args(argv)
+    RESULTS["environment"] = environment(argv)
+    log(json.dumps(RESULTS["environment"]))
+    try:
+        if args.check:
+            check()
+        if args.layer:
+            layer_bench(args.layer_tokens, args.reps * 2)
+        for shape in (args.train_shapes or args.shapes).split(","):
+            if not args.train:
+                break
+            for ck in args.ckpt.split(","):
+                # "deltatune fast (HF loss)" uses the fused layers with HF's loss.
+                variants = args.variants.split(",")
+                train_bench(shape, args.batch, args.seq, args.steps, variants, ck == "1")
+        if args.infer:
+            pb, pl = (int(v) for v in args.prefill.split("x"))
+            for shape in args.shapes.split(","):
+                infer_bench(shape, pb, pl, args.decode_tokens, args.frameworks.split(","),
+                            args.reps)
+    finally:
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        for folder in filter(None, [os.environ.get("OUT"), "bench/results"]):
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            (Path(folder) / f"gpu_lora-{stamp}.json").write_text(json.dumps(RESULTS, indent=1))
+    summary()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Linear + cross-entropy over token chunks, never holding the full (tokens x vocab) logits.
+
+A causal LM's loss is ``mean_t CE(h_t W^T + b, y_t)``. With a 128k vocabulary and 16k
+tokens the logits alone are 4 GiB in bf16 and 8 GiB once upcast to float32 for the
+loss, and autograd keeps them for backward. As in Liger-Kernel's fused linear
+cross-entropy, :class:`FusedLinearCrossEntropy` walks the tokens in chunks: for each
+chunk it forms the float32 logits, their log-sum-exp and the loss, turns the logits into
+their gradient in place (softmax minus one-hot, over the count of counted tokens), and
+multiplies it straight back into the gradient of the hidden states (and of W when it
+trains). Only the (tokens x hidden) gradient is kept; backward scales it.
+
+Numerics match the plain path (:func:`linear_cross_entropy_reference`): logits in the
+input dtype, then float32 for log-softmax, as Hugging Face's causal LM loss does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+
+
+def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor,
+                                   bias: torch.Tensor | None, targets: torch.Tensor,
+                                   ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Return the mean cross-entropy of ``hidden W^T + b`` against ``targets`` (plain ops)."""
+    logits = F.linear(hidden, weight, bias)
+    logits = logits.to(_acc(logits.dtype))
+    return F.cross_entropy(logits, targets, ignore_index=ignore_index)
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """Loss arithmetic dtype: float32, or the input's own if wider (float64 checks)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _chunk_rows(vocab: int, budget: int = 1 << 28) -> int:
+    """Tokens per chunk so that one float32 chunk of logits holds about ``budget`` values."""
+    return max(1, min(8192, budget // max(vocab, 1)))
+
+
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of a linear head, with the gradient formed chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                targets: torch.Tensor, ignore_index: int, chunk: int) -> torch.Tensor:
+        n = hidden.shape[0]
+        valid = targets != ignore_index
+        count = valid.sum()
+        acc = _acc(hidden.dtype)
+        denom = count.clamp_min(1).to(acc)
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc,
+                             device=weight.device) if need_w else None
+        grad_b = (torch.zeros(bias.shape, dtype=acc, device=bias.device)
+                  if need_b and bias is not None else None)
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        for start in range(0, n, chunk):
+            h = hidden[start:start + chunk]
+            t = targets[start:start + chunk]
+            ok = valid[start:start + chunk]
+            logits = F.linear(h, weight, bias).to(acc)
+            lse = torch.logsumexp(logits, dim=-1)
+            safe_t = torch.where(ok, t, torch.zeros_like(t))
+            picked = logits.gather(1, safe_t[:, None]).squeeze(1)
+            total += torch.where(ok, lse - picked, torch.zeros_like(lse)).sum()
+            if grad_h is None and grad_w is None and grad_b is None:
+                continue
+            # d loss / d logits = (softmax - onehot) / count on counted rows, 0 elsewhere.
+            grad = logits.sub_(lse[:, None]).exp_()
+            grad.scatter_add_(1, safe_t[:, None], -torch.ones_like(lse)[:, None])
+            grad.mul_((ok.to(acc) / denom)[:, None])
+            g = grad.to(hidden.dtype)
+            if grad_h is not None:
+                torch.mm(g, weight.to(hidden.dtype), out=grad_h[start:start + chunk])
+            if grad_w is not None:
+                grad_w.addmm_(grad.t(), h.to(acc))
+            if grad_b is not None:
+                grad_b += grad.sum(0)
+        ctx.save_for_backward(*(t for t in (grad_h, grad_w, grad_b) if t is not None))
+        ctx.which = (grad_h is not None, grad_w is not None, grad_b is not None)
+        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        return total / denom
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        saved = list(ctx.saved_tensors)
+        out: list[torch.Tensor | None] = []
+        for present, dtype in zip(ctx.which, ctx.dtypes):
+            if present:
+                out.append((saved.pop(0) * grad_loss).to(dtype))
+            else:
+                out.append(None)
+        return out[0], out[1], out[2], None, None, None
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
+                               bias: torch.Tensor | None, targets: torch.Tensor,
+                               ignore_index: int = IGNORE_INDEX,
+                               chunk: int | None = None) -> torch.Tensor:
+    """Return mean CE of ``hidden W^T + b`` vs ``targets`` without materialising the logits.
+
+    ``hidden`` is (tokens, dim), ``weight`` (vocab, dim), ``targets`` (tokens,) with
+    ``ignore_index`` marking tokens that are not counted. ``chunk`` tokens are processed
+    at a time (default: about 2^28 float32 logits per chunk).
+    """
+    chunk = chunk or _chunk_rows(weight.shape[0])
+    return FusedLinearCrossEntropy.apply(hidden, weight, bias, targets, ignore_index, chunk)
+
+
+def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
+                   attention_mask: torch.Tensor | None = None, chunk: int | None = None,
+                   **kwargs: Any) -> torch.Tensor:
+    """Return a causal LM's next-token loss (as ``model(..., labels=labels).loss``).
+
+    Runs the backbone, then :func:`fused_linear_cross_entropy` on the output head, so the
+    logits are never materialised. Labels are shifted by one inside, ``-100`` is ignored.
+    Falls back to the model's own loss when the head carries a live delta, is not a plain
+    linear layer, or the config post-processes logits (soft-capping, logit scale).
+    """
+    from deltatune.core.layers import DeltaLayer  # local: kernels import without core
+    from deltatune.core.model import DeltaModel
+
+    lm = model.model if isinstance(model, DeltaModel) else model
+    head = lm.get_output_embeddings()
+    config = getattr(lm, "config", None)
+    post = any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale"))
+    live_head = isinstance(head, DeltaLayer) and not head.disabled and any(
+        n not in head.merged for n in head.active)
+    if isinstance(head, DeltaLayer) and not live_head:
+        head = head.base
+    if post or live_head or not isinstance(head, nn.Linear):
+        return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                     **kwargs).loss
+    backbone = lm.get_decoder()
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                      **kwargs).last_hidden_state
+    # Shift by padding the targets, not slicing the hidden states (no copy of them):
+    # the last position of each row predicts nothing and is ignored.
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+    h = hidden.reshape(-1, hidden.shape[-1])
+    return fused_linear_cross_entropy(h, head.weight, head.bias, targets, chunk=chunk)
+
+
+__all__ = ["FusedLinearCrossEntropy", "causal_lm_loss", "fused_linear_cross_entropy",
+           "linear_cross_entropy_reference"]

@@ -1,0 +1,89 @@
+"""A LoRA'd linear layer as one autograd Function: y = x W^T + b + s (x A^T) B^T.
+
+Why a Function instead of the composition autograd builds from the plain path
+(:func:`lora_linear_reference`):
+
+- the shrink ``h = x A^T`` (N x r) is computed once and is the only thing saved
+  besides ``x``, which the frozen base matmul saves anyway: no copy of the input in
+  another dtype, no dropout copy, no (N x d_out) temporaries kept for backward;
+- the expand is accumulated into the base output by one ``addmm`` with the scale as
+  its ``alpha`` (cuBLAS's beta=1 epilogue), instead of three passes over y
+  (matmul, multiply by s, add);
+- backward is ordered by rank: ``g B`` (N x r) first, then the input gradient as
+  ``g W`` plus an in-place ``addmm`` of ``(g B) A``, and the adapter gradients as two
+  rank-r products (``s (gB)^T x`` and ``s g^T h``). No d_out x d_in product is ever formed.
+
+Adapters may be stored in another dtype than the base (an fp32 master copy on a bf16
+model): the matmuls then run in the base dtype and the gradients come back in the
+adapters' dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                          A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """Return x W^T + b + s (x A^T) B^T with plain ops (the math the fast path must match).
+
+    ``weight`` is (d_out, d_in), ``A`` (r, d_in), ``B`` (d_out, r); computed in the
+    adapters' dtype and cast back, as :class:`deltatune.methods.lora.LoraDelta` does.
+    """
+    y = F.linear(x, weight, bias)
+    hidden = x.to(A.dtype) @ A.t()
+    return y + (hidden @ B.t() * scale).to(y.dtype)
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """Fused forward and rank-ordered backward of a LoRA'd linear layer."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+        d_in, d_out = weight.shape[1], weight.shape[0]
+        x2 = x.reshape(-1, d_in)
+        Ac, Bc = A.to(x.dtype), B.to(x.dtype)
+        y = F.linear(x2, weight, bias)
+        h = x2 @ Ac.t()
+        # beta=1 accumulation into the fresh base output; the scale rides in alpha.
+        y.addmm_(h, Bc.t(), alpha=scale)
+        ctx.save_for_backward(x2, weight, Ac, Bc, h)
+        ctx.scale = scale
+        ctx.adapter_dtypes = (A.dtype, B.dtype)
+        ctx.has_bias = bias is not None
+        return y.view(*x.shape[:-1], d_out)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x2, weight, Ac, Bc, h = ctx.saved_tensors
+        s = ctx.scale
+        need_x, need_w, need_b, need_a, need_bb, _ = ctx.needs_input_grad
+        g = grad_out.reshape(-1, weight.shape[0])
+        if g.dtype != x2.dtype:
+            g = g.to(x2.dtype)
+        grad_x = grad_w = grad_bias = grad_a = grad_bb = None
+        gB = g @ Bc if (need_x or need_a) else None  # (N, r), shared by dx and dA
+        if need_bb:
+            grad_bb = torch.mm(g.t(), h).mul_(s).to(ctx.adapter_dtypes[1])
+        if need_a:
+            grad_a = torch.mm(gB.t(), x2).mul_(s).to(ctx.adapter_dtypes[0])
+        if need_x:
+            grad_x = g @ weight
+            grad_x.addmm_(gB, Ac, alpha=s)
+            grad_x = grad_x.view(*grad_out.shape[:-1], weight.shape[1])
+        if need_w:
+            grad_w = g.t() @ x2
+        if need_b and ctx.has_bias:
+            grad_bias = g.sum(0)
+        return grad_x, grad_w, grad_bias, grad_a, grad_bb, None
+
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """Return x W^T + b + s (x A^T) B^T through :class:`LoraLinearFunction`."""
+    return LoraLinearFunction.apply(x, weight, bias, A, B, float(scale))
+
+
+__all__ = ["LoraLinearFunction", "lora_linear", "lora_linear_reference"]

@@ -1,0 +1,185 @@
+"""Mixed-adapter LoRA batches: every row of a batch through its own adapter at once.
+
+The plain path (:func:`multi_lora_reference`, what ``DeltaLayer`` does for any method)
+runs one gather, two small matmuls and one scatter per adapter present, so a batch of
+32 distinct adapters costs 32 launches of each. Here the adapters are laid side by side
+once (and cached while their tensors do not change) and the whole batch takes two
+batched matmuls, in one of two layouts (Punica's BGMV and a concatenated form):
+
+- :func:`multi_lora_gathered` (prefill, many tokens per row): each row's A and B are
+  gathered from a stack padded to the largest rank, then one ``bmm`` shrinks and one
+  ``baddbmm`` expands into the base output. Work is exactly each row's own rank.
+- :func:`multi_lora_concat` (decode, few tokens per row): the A's of all adapters in
+  the batch are concatenated into one (sum r, d_in) matrix, so the shrink is one matmul
+  reading each adapter once; a 0/1 mask keeps each row's own block, and one ``addmm``
+  expands through the concatenated B's. The extra arithmetic (sum r instead of r per
+  token) is nothing when there are few tokens, and no per-row weight copy is written.
+
+Rows routed to the base model use an all-zero adapter (gathered) or an all-zero mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def multi_lora_reference(x: torch.Tensor, y: torch.Tensor, row_adapter: Sequence[int],
+                         As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor],
+                         scales: Sequence[float]) -> torch.Tensor:
+    """Return y with row i plus s_k (x_i A_k^T) B_k^T for k = row_adapter[i] (-1: nothing).
+
+    ``x`` is (rows, ..., d_in) and ``y`` (rows, ..., d_out): one adapter per leading row.
+    """
+    out = y.clone()
+    for k, (A, B, s) in enumerate(zip(As, Bs, scales)):
+        idx = [i for i, a in enumerate(row_adapter) if a == k]
+        if not idx:
+            continue
+        index = torch.tensor(idx, device=x.device)
+        xs = x[index]
+        out[index] = y[index] + ((xs.to(A.dtype) @ A.t()) @ B.t() * s).to(y.dtype)
+    return out
+
+
+def stack_padded(As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor],
+                 scales: Sequence[float], dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (A_stack (n+1, r_max, d_in), B_stack (n+1, d_out, r_max)) with s folded into B.
+
+    Ranks below r_max are zero-padded; entry n is all zeros (the base model's rows).
+    """
+    r_max = max(A.shape[0] for A in As)
+    d_in, d_out = As[0].shape[1], Bs[0].shape[0]
+    a_rows, b_cols = [], []
+    for A, B, s in zip(As, Bs, scales):
+        pad = r_max - A.shape[0]
+        a_rows.append(F.pad(A.to(dtype), (0, 0, 0, pad)))
+        b_cols.append(F.pad(B.to(dtype) * s, (0, pad)))
+    a_rows.append(As[0].new_zeros((r_max, d_in), dtype=dtype))
+    b_cols.append(Bs[0].new_zeros((d_out, r_max), dtype=dtype))
+    return torch.stack(a_rows), torch.stack(b_cols)
+
+
+def stack_concat(As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor],
+                 scales: Sequence[float], dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Return (A_cat (sum r, d_in), B_cat (d_out, sum r) with s folded in, rank offsets)."""
+    offsets = [0]
+    for A in As:
+        offsets.append(offsets[-1] + A.shape[0])
+    a_cat = torch.cat([A.to(dtype) for A in As], 0)
+    b_cat = torch.cat([B.to(dtype) * s for B, s in zip(Bs, scales)], 1)
+    return a_cat, b_cat, offsets
+
+
+def concat_mask(row_adapter: Sequence[int], offsets: Sequence[int], dtype: torch.dtype,
+                device: torch.device) -> torch.Tensor:
+    """Return the (rows, sum r) 0/1 mask that keeps each row's own adapter block."""
+    mask = torch.zeros(len(row_adapter), offsets[-1], dtype=dtype)
+    for i, k in enumerate(row_adapter):
+        if k >= 0:
+            mask[i, offsets[k]:offsets[k + 1]] = 1
+    return mask.to(device)
+
+
+def multi_lora_gathered(x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
+                        a_stack: torch.Tensor, b_stack: torch.Tensor) -> torch.Tensor:
+    """Return y plus each row's LoRA term through gathered per-row adapters (BGMV).
+
+    ``index`` (rows,) holds each row's entry of the stacks (n for the base model).
+    In place on ``y`` when autograd does not need it.
+    """
+    rows, d_in, d_out = x.shape[0], x.shape[-1], y.shape[-1]
+    x3 = x.reshape(rows, -1, d_in)
+    a_rows, b_rows = a_stack[index], b_stack[index]
+    h = torch.bmm(x3, a_rows.transpose(1, 2))  # (rows, T, r_max)
+    y3 = y.reshape(rows, -1, d_out)
+    if torch.is_grad_enabled() and (y.requires_grad or h.requires_grad):
+        return torch.baddbmm(y3, h, b_rows.transpose(1, 2)).view(y.shape)
+    return y3.baddbmm_(h, b_rows.transpose(1, 2)).view(y.shape)
+
+
+def multi_lora_concat(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
+                      a_cat: torch.Tensor, b_cat: torch.Tensor) -> torch.Tensor:
+    """Return y plus each row's LoRA term through concatenated adapters and a row mask.
+
+    ``mask`` is (rows, sum r) from :func:`concat_mask`. In place on ``y`` when autograd
+    does not need it.
+    """
+    rows, d_in, d_out = x.shape[0], x.shape[-1], y.shape[-1]
+    x3 = x.reshape(rows, -1, d_in)
+    h = (x3 @ a_cat.t()) * mask[:, None, :]  # (rows, T, sum r): other adapters zeroed
+    h2, y2 = h.reshape(-1, h.shape[-1]), y.reshape(-1, d_out)
+    if torch.is_grad_enabled() and (y.requires_grad or h.requires_grad):
+        return torch.addmm(y2, h2, b_cat.t()).view(y.shape)
+    return y2.addmm_(h2, b_cat.t()).view(y.shape)
+
+
+
+
+DECODE_TOKENS = 8  # at most this many tokens per row: the concatenated layout
+
+
+class AdapterBank:
+    """Side-by-side layouts of a layer's adapters, cached while their tensors are unchanged.
+
+    The cache is keyed by the adapters' names, storage and version counters (an
+    optimizer step or a load bumps the version), so a changed adapter is re-laid out on
+    the next call; with autograd recording through trainable adapters nothing is cached.
+    Switching adapters therefore swaps no module and recompiles nothing.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._layouts: dict[str, tuple] = {}
+        self._rows: dict[tuple, torch.Tensor] = {}
+
+    def _layout(self, kind: str, build, cache: bool):
+        if not cache:
+            return build()
+        if kind not in self._layouts:
+            self._layouts[kind] = build()
+        return self._layouts[kind]
+
+    def _row_tensor(self, key: tuple, build, cache: bool) -> torch.Tensor:
+        if not cache:
+            return build()
+        if key not in self._rows:
+            if len(self._rows) > 64:
+                self._rows.clear()
+            self._rows[key] = build()
+        return self._rows[key]
+
+    def apply(self, names: Sequence[str], As: Sequence[torch.Tensor],
+              Bs: Sequence[torch.Tensor], scales: Sequence[float],
+              row_adapter: Sequence[int], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Return y plus row i's LoRA term through adapter ``row_adapter[i]`` (-1: none)."""
+        tensors = (*As, *Bs)
+        cache = not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        key = (tuple(names), x.dtype, x.device, tuple(scales),
+               tuple((t.data_ptr(), t._version) for t in tensors))
+        if not cache or key != self._key:
+            self._layouts.clear()
+            self._rows.clear()
+            self._key = key if cache else None
+        rows = tuple(row_adapter)
+        tokens = x.numel() // max(x.shape[0] * x.shape[-1], 1)
+        if tokens <= DECODE_TOKENS:
+            a_cat, b_cat, offsets = self._layout(
+                "concat", lambda: stack_concat(As, Bs, scales, x.dtype), cache)
+            mask = self._row_tensor(("mask", rows), lambda: concat_mask(
+                rows, offsets, x.dtype, x.device), cache)
+            return multi_lora_concat(x, y, mask, a_cat, b_cat)
+        a_stack, b_stack = self._layout(
+            "padded", lambda: stack_padded(As, Bs, scales, x.dtype), cache)
+        base_entry = len(As)
+        index = self._row_tensor(("index", rows), lambda: torch.tensor(
+            [k if k >= 0 else base_entry for k in rows], device=x.device), cache)
+        return multi_lora_gathered(x, y, index, a_stack, b_stack)
+
+
+__all__ = ["AdapterBank", "concat_mask", "multi_lora_concat", "multi_lora_gathered",
+           "multi_lora_reference", "stack_concat", "stack_padded"]

@@ -1,0 +1,117 @@
+"""``deltatune train`` / ``generate`` / ``eval`` end to end on a tiny local model directory."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+import deltatune as dt
+from deltatune.cli import main
+from tests.conftest import tiny_llama
+from tests.tiny_tokenizer import char_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama().save_pretrained(d)
+    char_tokenizer(chat=True).save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def files(tmp_path):
+    rows = [{"prompt": f"word {w}", "response": w[::-1]} for w in
+            ["cat", "dog", "emu", "yak", "owl", "bee", "ant", "elk", "fox", "gnu"]]
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(json.dumps(r) for r in rows[:8]) + "\n")
+    val = tmp_path / "val.jsonl"
+    val.write_text("\n".join(json.dumps(r) for r in rows[8:]) + "\n")
+    general = tmp_path / "general.jsonl"
+    general.write_text("\n".join(json.dumps({"text": f"plain text number {i}."})
+                                 for i in range(6)) + "\n")
+    return train, val, general
+
+
+def test_train_writes_delta_run_file_and_log(model_dir, files, tmp_path, capsys):
+    train, val, general = files
+    out = tmp_path / "run"
+    code = main(["train", "--model", str(model_dir), "--data", str(train), "--eval-data",
+                 str(val), "--out", str(out), "--r", "2", "--lora-alpha", "4",
+                 "--target-modules", "q_proj,v_proj", "--epochs", "2", "--batch-size", "2",
+                 "--lr", "0.01", "--generate-examples", "1", "--max-new-tokens", "3",
+                 "--mix-general", str(general), "--mix-ratio", "0.2", "--no-progress"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "trainable:" in text and "forgetting guard: mixed 2 general-text" in text
+    run = yaml.safe_load((out / "run.yaml").read_text())
+    assert run["method"] == {"method": "lora", "r": 2, "lora_alpha": 4,
+                             "target_modules": ["q_proj", "v_proj"]}
+    assert run["train"]["epochs"] == 2 and run["train"]["lr"] == 0.01
+    assert run["result"]["steps"] == 10  # (8 + 2 mixed) / 2 per step * 2 epochs
+    assert set(run["result"]["final_eval"]) == {"loss", "perplexity", "tokens", "rouge_l"}
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "step" in r] == list(range(1, 11))
+    # the saved delta loads and is the one trained (r=2 on q and v of 2 layers)
+    dm = dt.load(tiny_llama(), out / "delta")
+    layers, r = 2, 2  # q_proj: 32 -> 32, v_proj: 32 -> 16 (2 kv heads of 8)
+    assert sum(t.numel() for t in dm.delta_state_dict().values()) == \
+        layers * r * ((32 + 32) + (32 + 16))
+    # the written run file reproduces the run: resuming it finds the run complete
+    code = main(["train", "--config", str(out / "run.yaml"), "--resume"])
+    assert code == 0
+    assert "resumed_from" in yaml.safe_load((out / "run.yaml").read_text())["result"]
+
+
+def test_train_errors_are_clear(model_dir, files, tmp_path, capsys):
+    train, _, _ = files
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a", oops}\n')
+    assert main(["train", "--model", str(model_dir), "--data", str(bad), "--out",
+                 str(tmp_path / "x")]) == 2
+    assert f"{bad} line 2: not valid JSON" in capsys.readouterr().err
+    assert main(["train", "--model", str(model_dir), "--data", str(train), "--out",
+                 str(tmp_path / "x"), "--r", "0"]) == 2
+    assert "r" in capsys.readouterr().err
+    assert main(["train", "--model", str(model_dir), "--data", str(train), "--out",
+                 str(tmp_path / "x"), "--schedule", "steps"]) == 2
+    assert "schedule must be one of" in capsys.readouterr().err
+
+
+def test_generate_and_eval_with_forgetting(model_dir, files, tmp_path, capsys):
+    train, val, general = files
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(model_dir), "--data", str(train), "--out", str(out),
+                 "--val-fraction", "0", "--r", "2", "--epochs", "1", "--batch-size", "4",
+                 "--lr", "0.05", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--model", str(model_dir), "--delta", str(out / "delta"),
+                 "--prompt", "word cat", "--max-new-tokens", "4", "--json"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["prompt"] == "word cat" and isinstance(line["output"], str)
+
+    assert main(["eval", "--model", str(model_dir), "--delta", str(out / "delta"), "--data",
+                 str(val), "--forgetting", str(general), "--generate-examples", "0",
+                 "--base-too", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    f = report["forgetting"]
+    assert f["change"] == pytest.approx(f["after"] - f["before"])
+    # before = the base model's perplexity on the general text, computed here by hand
+    from deltatune.tasks import LanguageModeling
+
+    lm = LanguageModeling(char_tokenizer(chat=True))
+    rows = [json.loads(x) for x in general.read_text().splitlines()]
+    ex = lm.encode_rows(rows)
+    base = tiny_llama()
+    total = count = 0
+    with torch.no_grad():
+        for e in ex:
+            ids = torch.tensor([e["input_ids"]])
+            logp = torch.log_softmax(base(input_ids=ids).logits[0, :-1], -1)
+            total -= float(logp.gather(1, ids[0, 1:, None]).sum())
+            count += ids.shape[1] - 1
+    assert f["before"] == pytest.approx(float(torch.exp(torch.tensor(total / count))), rel=1e-4)
+    assert report["base"]["loss"] != report["with_delta"]["loss"]
