@@ -87,7 +87,21 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor],
                  metadata: dict[str, str] | None = None) -> None:
     """Write tensors as safetensors (keys sorted, so equal inputs give equal bytes)."""
     ordered = {k: tensors[k].detach().to("cpu").contiguous() for k in sorted(tensors)}
-    write_bytes_durably(path, st_save_bytes(ordered, metadata=metadata))
+    write_bytes_durably(path, _canonical_header(st_save_bytes(ordered, metadata=metadata)))
+
+
+def _canonical_header(raw: bytes) -> bytes:
+    """Return ``raw`` safetensors bytes with the JSON header keys sorted.
+
+    safetensors writes ``__metadata__`` from a hash map, so its key order (and so the
+    file's bytes) can change from one save to the next; sorting makes equal inputs give
+    equal files (reliability row 10). The tensor data and its offsets are unchanged.
+    """
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the format pads the header to 8 bytes with spaces
+    return struct.pack("<Q", len(text)) + text + raw[8 + n:]
 
 
 # -- atomic directories ---------------------------------------------------------------

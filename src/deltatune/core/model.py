@@ -174,6 +174,12 @@ class DeltaModel(nn.Module):
             raise
         for location, part in parts.items():
             part.to(dtype=dtype or _base_dtype(self.model, location, part))
+            # New modules start in training mode; follow the model's mode instead, so a
+            # delta added to a model in eval() does not run dropout (reliability row 9).
+            part.train(self.model.training)
+            holder = get_submodule(self.model, location) if location else None
+            if isinstance(holder, (DeltaLayer, ModuleCopy)):
+                holder.training = self.model.training
         parts.update(copies)
         delta = AttachedDelta(name=name, config=config, method=method, parts=parts,
                               trainable=trainable, info={"copies": sorted(copies)})
@@ -335,11 +341,33 @@ class DeltaModel(nn.Module):
         if delta.merged:
             warnings.warn(f"delta {name!r} is already merged; merge() did nothing", stacklevel=3)
             return
+        self._refuse_tied(delta)
         if name not in self._active:
             self.activate(*self._active, name)
         delta.method.merge(self.model, self._layer_parts(delta), check=check,
                            keep_original=keep_original)
         delta.merged = True
+
+    def _refuse_tied(self, delta: AttachedDelta) -> None:
+        """Refuse to merge into a weight another module shares (tied embeddings and heads).
+
+        Folding a delta into GPT-2's ``wte`` would change ``lm_head`` too: the merged
+        model would silently compute something else than the unmerged one.
+        """
+        owners: dict[int, list[str]] = {}
+        for pname, p in self.model.named_parameters(remove_duplicate=False):
+            owners.setdefault(id(p), []).append(pname)
+        for location, part in self._layer_parts(delta).parts.items():
+            module = get_submodule(self.model, location) if location else None
+            weight = getattr(getattr(module, "base", None), "weight", None)
+            shared = owners.get(id(weight), []) if isinstance(weight, torch.Tensor) else []
+            if len(shared) > 1:
+                raise MergeError(
+                    f"cannot merge delta {delta.name!r} into {location}: its weight is shared "
+                    f"with {', '.join(n for n in shared if not n.startswith(location + '.'))} "
+                    f"(tied weights), which the merge would change too. Keep the delta "
+                    f"unmerged, or untie the weights first (e.g. clone the output head's "
+                    f"weight). Nothing was changed.")
 
     def unmerge(self, *names: str) -> None:
         """Take merged deltas (default: all merged) back out of the base weights."""
