@@ -357,7 +357,7 @@ class DeltaModel(nn.Module):
         owners: dict[int, list[str]] = {}
         for pname, p in self.model.named_parameters(remove_duplicate=False):
             owners.setdefault(id(p), []).append(pname)
-        for location, part in self._layer_parts(delta).parts.items():
+        for location in self._layer_parts(delta).parts:
             module = get_submodule(self.model, location) if location else None
             weight = getattr(getattr(module, "base", None), "weight", None)
             shared = owners.get(id(weight), []) if isinstance(weight, torch.Tensor) else []
