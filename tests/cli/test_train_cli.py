@@ -56,7 +56,7 @@ def test_train_writes_delta_run_file_and_log(model_dir, files, tmp_path, capsys)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "step" in r] == list(range(1, 11))
     # the saved delta loads and is the one trained (r=2 on q and v of 2 layers)
-    dm = dt.load(tiny_llama(), out / "delta")
+    dm = dt.load(tiny_llama(), out / "adapter")
     layers, r = 2, 2  # q_proj: 32 -> 32, v_proj: 32 -> 16 (2 kv heads of 8)
     assert sum(t.numel() for t in dm.delta_state_dict().values()) == \
         layers * r * ((32 + 32) + (32 + 16))
@@ -88,12 +88,12 @@ def test_generate_and_eval_with_forgetting(model_dir, files, tmp_path, capsys):
                  "--val-fraction", "0", "--r", "2", "--epochs", "1", "--batch-size", "4",
                  "--lr", "0.05", "--no-progress"]) == 0
     capsys.readouterr()
-    assert main(["generate", "--model", str(model_dir), "--delta", str(out / "delta"),
+    assert main(["generate", "--model", str(model_dir), "--delta", str(out / "adapter"),
                  "--prompt", "word cat", "--max-new-tokens", "4", "--json"]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["prompt"] == "word cat" and isinstance(line["output"], str)
 
-    assert main(["eval", "--model", str(model_dir), "--delta", str(out / "delta"), "--data",
+    assert main(["eval", "--model", str(model_dir), "--delta", str(out / "adapter"), "--data",
                  str(val), "--forgetting", str(general), "--generate-examples", "0",
                  "--base-too", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -115,3 +115,28 @@ def test_generate_and_eval_with_forgetting(model_dir, files, tmp_path, capsys):
             count += ids.shape[1] - 1
     assert f["before"] == pytest.approx(float(torch.exp(torch.tensor(total / count))), rel=1e-4)
     assert report["base"]["loss"] != report["with_delta"]["loss"]
+
+
+def test_flags_set_and_run_file_merge(tmp_path):
+    from deltatune.cli import build_parser
+    from deltatune.cli.train import build_run
+    from deltatune.train.runfile import write_run_file
+
+    run_file = write_run_file(tmp_path / "run.yaml", {
+        "model": "m", "method": {"method": "lora", "r": 4, "lora_alpha": 8},
+        "data": {"train": "t.jsonl"}, "train": {"epochs": 3, "output_dir": "o"}})
+    args = build_parser().parse_args([
+        "train", "--config", str(run_file), "--set", "r=16", "--set", "target_modules=all-linear",
+        "--lora-dropout", "0.1", "--epochs", "1", "--gradient-checkpointing"])
+    run = build_run(args)
+    assert run["method"] == {"method": "lora", "r": 16, "lora_alpha": 8, "lora_dropout": 0.1,
+                             "target_modules": "all-linear"}
+    assert run["train"] == {"epochs": 1, "output_dir": "o", "gradient_checkpointing": True}
+
+
+def test_builtin_data_set_names_are_read_as_data():
+    from deltatune import data
+
+    val = data.read("wordnet-definitions-demo", split="validation")
+    assert len(val) == 300 and {"prompt", "response"} <= set(val[0])
+    assert val.where(4) == "wordnet-definitions-demo[validation] row 5"

@@ -125,3 +125,17 @@ def test_mix_ratio():
     with pytest.raises(DataError, match=r"mix ratio must be in \[0, 1\)"):
         data.mix(task, general, 1.0)
     json.dumps(mixed)
+
+
+def test_saved_dataset_directory_needs_datasets_or_a_real_save(tmp_path):
+    d = tmp_path / "saved"
+    d.mkdir()
+    (d / "state.json").write_text("{}")
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        with pytest.raises(DataError, match=r"needs the 'datasets' package; install it with"):
+            data.read(d)
+        return
+    with pytest.raises(DataError, match="not a dataset saved with save_to_disk"):
+        data.read(d)

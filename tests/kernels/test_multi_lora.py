@@ -115,3 +115,19 @@ def test_generate_with_mixed_adapters_matches_plain_path():
     with fast_path("on"):
         fast = dm.generate(ids, delta_names=["b", "a", None], **kw)
     assert torch.equal(fast, ref)
+
+
+def test_replacing_an_adapter_under_the_same_name_is_not_served_from_the_cache():
+    dm = _three_adapters()
+    ids = token_batch(3, 1)
+    names = ["a", "b", "c"]
+    with torch.no_grad(), fast_path("on"):
+        dm(input_ids=ids, delta_names=names)  # fills the caches
+        dm.delete("b")
+        dm.add("b", dt.LoraConfig(r=2, lora_alpha=6, target_modules="all-linear"))
+        for p in dm.get_delta("b").parameters():
+            p.normal_(std=0.3)
+        fast = dm(input_ids=ids, delta_names=names).logits
+    with torch.no_grad(), fast_path("off"):
+        ref = dm(input_ids=ids, delta_names=names).logits
+    assert _rel(fast, ref) < 1e-5

@@ -113,3 +113,19 @@ def test_auto_resume_skips_a_torn_checkpoint(tmp_path):
     assert result.resumed_from == paths[0]
     assert any("skipped step-00000002" in n and "optimizer.safetensors" in n
                for n in result.notes)
+
+
+def test_missing_state_is_a_hard_error_unless_partial_resume_is_allowed(tmp_path):
+    from deltatune.core.errors import AdapterFileCorrupt
+
+    dm, task, cfg = setup(tmp_path, epochs=1, eval_every=None)
+    first = Trainer(dm, task, ROWS, None, cfg, callbacks=[StopAt(1, 2)]).fit()
+    (first.checkpoint / "optimizer.safetensors").unlink()
+    (first.checkpoint / "optimizer.json").unlink()
+    dm2, task2, cfg2 = setup(tmp_path, epochs=1, eval_every=None)
+    with pytest.raises(AdapterFileCorrupt, match=r"optimizer\.(json|safetensors)"):
+        Trainer(dm2, task2, ROWS, None, cfg2).fit(resume=first.checkpoint)
+    dm3, task3, cfg3 = setup(tmp_path, epochs=1, eval_every=None, allow_partial_resume=True)
+    result = Trainer(dm3, task3, ROWS, None, cfg3).fit(resume=first.checkpoint)
+    assert result.steps == 3 and result.resumed_from == first.checkpoint
+    assert any("no optimizer state: AdamW moments start from zero" in n for n in result.notes)

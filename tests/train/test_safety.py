@@ -144,3 +144,23 @@ def test_no_trainable_parameters_is_an_error(tmp_path):
     task = CausalLMSFT(char_tokenizer(), chat_template=False)
     with pytest.raises(ConfigError, match="no trainable parameters"):
         Trainer(model, task, ROWS, None, TrainConfig(output_dir=str(tmp_path)))
+
+
+def test_out_of_memory_is_a_clear_error_with_a_fix(tmp_path, monkeypatch):
+    from deltatune.train import TrainingOutOfMemory
+
+    dm, task, cfg = make(tmp_path, batch_size=4, save_every=None)
+    calls = {"n": 0}
+    real = task.loss_sum
+
+    def flaky(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, batch)
+
+    monkeypatch.setattr(task, "loss_sum", flaky)
+    with pytest.raises(TrainingOutOfMemory, match=r"out of memory at optimizer step 2, "
+                       r"micro-batch 1 .*Try batch_size=2 with grad_accum=2 \(same effective "
+                       r"batch\), or gradient_checkpointing=True"):
+        Trainer(dm, task, ROWS, None, cfg).fit()

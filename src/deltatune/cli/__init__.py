@@ -14,7 +14,20 @@ from collections.abc import Sequence
 from deltatune.core.errors import DeltaTuneError
 
 # module name (in this package) of every subcommand, in --help order
-COMMANDS = ["methods", "info", "train", "generate", "eval", "merge", "export", "data", "models"]
+COMMANDS = [
+    "demo",
+    "methods",
+    "info",
+    "train",
+    "generate",
+    "eval",
+    "merge",
+    "export",
+    "compare",
+    "sweep",
+    "data",
+    "models",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,12 +2,16 @@
 
     deltatune train --model smollm2-135m-instruct --data train.jsonl --out runs/x \\
         --method lora --r 8 --lora-alpha 16 --target-modules q_proj,v_proj --epochs 1
+    deltatune train --model smollm2-135m-instruct --data wordnet-definitions-demo \\
+        --set r=8 --set target_modules=all-linear --out runs/defs
     deltatune train --config runs/x/run.yaml --resume          # continue where it stopped
 
 Every field of the chosen method's config is a flag (``--lora-alpha``); every field of
 :class:`deltatune.train.TrainConfig` too (``--batch-size``, ``--eval-every``). Values
 are read as YAML scalars (``--layers "[0, 1]"``); a comma list fills a list field
-(``--target-modules q_proj,v_proj``). ``--config FILE`` reads a run file first; flags
+(``--target-modules q_proj,v_proj``); ``--set KEY=VALUE`` does the same for any method
+option. ``--data`` may name a built-in data set (its validation split then evaluates).
+``--config FILE`` reads a run file first; flags
 given on the command line win. The run actually made is written to ``OUT/run.yaml``.
 """
 
@@ -20,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 # Flags of this command that are not TrainConfig or method fields.
-OWN_FLAGS = {"model", "data", "eval_data", "out", "config", "method", "name", "task", "resume",
+OWN_FLAGS = {"model", "data", "eval_data", "out", "config", "method", "set_options", "name",
+             "task", "resume",
              "val_fraction", "column", "mix_general", "mix_ratio", "general_column",
              "max_length", "chat_template", "system_prompt", "max_new_tokens",
              "generate_examples", "max_truncated", "no_progress", "handler", "command"}
@@ -59,6 +64,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--model", help="built-in model name or local model directory")
     g.add_argument("--out", help="output directory (checkpoints, delta/, run.yaml, log.jsonl)")
     g.add_argument("--method", help="delta method (default lora)")
+    g.add_argument("--set", action="append", metavar="KEY=VALUE", dest="set_options",
+                   help="a method option, e.g. --set r=8 (repeatable; same as --r 8)")
     g.add_argument("--name", help="name of the delta (default 'default')")
     g.add_argument("--task", help="causal-lm-sft (default) or causal-lm (raw text)")
     g.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
@@ -66,8 +73,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "given)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     d = p.add_argument_group("data")
-    d.add_argument("--data", help="training file (.jsonl, .csv, .tsv, .parquet, dataset dir)")
-    d.add_argument("--eval-data", help="validation file (default: hold out --val-fraction)")
+    d.add_argument("--data", help="training file (.jsonl, .csv, .tsv, .parquet, dataset dir) "
+                   "or a built-in data set name (`deltatune data list`)")
+    d.add_argument("--eval-data", help="validation file (default: a built-in data set's "
+                   "validation split, else hold out --val-fraction)")
     d.add_argument("--val-fraction", type=float, help="fraction held out for validation when "
                    "no --eval-data is given (default 0.1; 0 = no evaluation)")
     d.add_argument("--column", action="append", metavar="OLD=NEW",
@@ -152,6 +161,11 @@ def build_run(args: argparse.Namespace) -> dict[str, Any]:
             train[dest[7:]] = value
         elif dest.startswith("method__"):
             method[dest[8:]] = value
+    for item in args.set_options or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set wants KEY=VALUE, got {item!r}", field="set")
+        method[key.strip().replace("-", "_")] = _yaml_value(value)
     if args.out is not None:
         train["output_dir"] = args.out
     if args.no_progress:
@@ -208,7 +222,10 @@ def run(args: argparse.Namespace) -> int:
     # Read (and check) the data before loading the model: a bad file fails fast.
     train_rows = data.read(spec["train"], columns=columns)
     eval_rows = data.read(spec["eval"], columns=columns) if spec.get("eval") else None
-    if eval_rows is None and float(spec.get("val_fraction", 0.1)) > 0:
+    builtin = data.readers._is_builtin(str(spec["train"])) and not Path(spec["train"]).exists()
+    if eval_rows is None and builtin and "val_fraction" not in spec:
+        eval_rows = data.read(spec["train"], split="validation", columns=columns)
+    elif eval_rows is None and float(spec.get("val_fraction", 0.1)) > 0:
         train_rows, eval_rows = data.split(train_rows, validation=float(
             spec.get("val_fraction", 0.1)), seed=config.seed)
     general_rows = data.read(spec["mix_general"]) if spec.get("mix_general") else None
@@ -229,6 +246,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"forgetting guard: mixed {len(train_data) - len(task_examples)} general-text "
               f"examples into {len(task_examples)} task examples (ratio {ratio})")
     trainer = Trainer(dm, task, train_data, eval_rows, config)
+    print(f"training data: {len(trainer.train_examples)} examples"
+          + (f" ({trainer.train_stats.describe()})" if general_rows is None else "")
+          + (f"; evaluation: {len(trainer.eval_examples)} examples"
+             if trainer.eval_examples is not None else "; no evaluation data"))
     out = Path(config.output_dir)
     run_desc["deltatune_version"] = __version__
     try:

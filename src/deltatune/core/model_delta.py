@@ -523,11 +523,25 @@ class ModelDeltaMethod(DeltaMethod):
         self.part(delta).disabled = disabled
 
     def saved_tensors(self, model: nn.Module, delta: AttachedDelta) -> dict[str, Any]:
-        return self.part(delta).saved_tensors()
+        # The model-level part names its own keys; module copies (a task head) keep
+        # the location-prefixed keys of the default.
+        out: dict[str, Any] = {}
+        for location, part in delta.parts.items():
+            if isinstance(part, ModelDelta):
+                out.update(part.saved_tensors())
+            else:
+                out.update({f"{location}.{k}": v
+                            for k, v in part.state_dict(keep_vars=True).items()})
+        return out
 
     def load_saved_tensors(self, model: nn.Module, delta: AttachedDelta,
                            tensors: dict[str, Any]) -> None:
-        self.part(delta).load_saved(tensors)
+        part = self.part(delta)
+        own = set(part.saved_tensors())
+        part.load_saved({k: v for k, v in tensors.items() if k in own})
+        rest = {k: v for k, v in tensors.items() if k not in own}
+        if rest:
+            super().load_saved_tensors(model, delta, rest)
 
 
 # ----------------------------------------------------------------------------------

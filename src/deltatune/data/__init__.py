@@ -4,6 +4,7 @@
     rows = data.read("train.jsonl", columns={"question": "prompt", "answer": "response"})
     train, val = data.split(rows, validation=0.1, seed=0)     # when no validation file
     rows.where(3)        # "train.jsonl line 5": where row 3 came from (errors use it)
+    data.read("wordnet-definitions-demo", split="validation")   # a built-in data set
 
 Every reader returns :class:`Rows`, a list of dicts that remembers its source and the
 line of each row, so a task that cannot encode a row names the file and the line. An
@@ -18,6 +19,7 @@ from deltatune.data.readers import (
     from_dataset,
     mix,
     read,
+    read_builtin,
     read_csv,
     read_dataset_dir,
     read_jsonl,
@@ -26,5 +28,5 @@ from deltatune.data.readers import (
     split,
 )
 
-__all__ = ["Rows", "from_dataset", "mix", "read", "read_csv", "read_dataset_dir", "read_jsonl",
-           "read_parquet", "rename_columns", "split"]
+__all__ = ["Rows", "from_dataset", "mix", "read", "read_builtin", "read_csv", "read_dataset_dir",
+           "read_jsonl", "read_parquet", "rename_columns", "split"]

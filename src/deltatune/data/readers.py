@@ -128,12 +128,15 @@ def read_dataset_dir(path: str | Path, *, split: str | None = None) -> Rows:
 
 def read(source: Any, *, columns: Mapping[str, str] | None = None,
          split: str | None = None) -> Rows:
-    """Read rows from a path (by extension / directory) or a ``datasets`` object.
+    """Read rows from a path (by extension / directory), a built-in data set name
+    (``split``, default train) or a ``datasets`` object.
 
     ``columns`` renames columns (``{"question": "prompt"}``); a column named there that
     no row has is an error listing the columns that exist. Returns :class:`Rows`.
     """
-    if isinstance(source, (str, Path)):
+    if isinstance(source, str) and not Path(source).exists() and _is_builtin(source):
+        rows = read_builtin(source, split or "train")
+    elif isinstance(source, (str, Path)):
         path = Path(source)
         suffix = "".join(path.suffixes[-2:]).lower() if path.suffix == ".gz" else \
             path.suffix.lower()
@@ -158,6 +161,19 @@ def read(source: Any, *, columns: Mapping[str, str] | None = None,
     else:
         rows = from_dataset(source, split=split)
     return rename_columns(rows, columns) if columns else rows
+
+
+def _is_builtin(name: str) -> bool:
+    from deltatune.datasets import list_datasets
+
+    return name in {spec.name for spec in list_datasets()}
+
+
+def read_builtin(name: str, split: str = "train") -> Rows:
+    """Rows of a built-in data set (``deltatune.datasets``), built on first use."""
+    from deltatune import datasets
+
+    return _nonempty(Rows(datasets.load(name, split), f"{name}[{split}]", unit="row"))
 
 
 def _read_jsonl_gz(path: Path) -> Rows:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
 import json
 import re
 import warnings
@@ -114,7 +115,9 @@ def _ensure_loaded() -> None:
 
     registered = set(known_methods())
     for method, module in MAPPING_MODULES.items():
-        if method in registered:
+        if method in registered and importlib.util.find_spec(
+                f"deltatune.interop.{module}") is not None:
+            # a method can land before its PEFT mapping; it is then simply not offered
             importlib.import_module(f"deltatune.interop.{module}")
 
 

@@ -4,10 +4,10 @@ A causal LM's loss is ``mean_t CE(h_t W^T + b, y_t)``. With a 128k vocabulary an
 tokens the logits alone are 4 GiB in bf16 and 8 GiB once upcast to float32 for the
 loss, and autograd keeps them for backward. As in Liger-Kernel's fused linear
 cross-entropy, :class:`FusedLinearCrossEntropy` walks the tokens in chunks: for each
-chunk it forms the float32 logits, their log-sum-exp and the loss, turns the logits into
-their gradient in place (softmax minus one-hot, over the count of counted tokens), and
-multiplies it straight back into the gradient of the hidden states (and of W when it
-trains). Only the (tokens x hidden) gradient is kept; backward scales it.
+chunk it forms the logits, their float32 log-softmax and the loss, turns them into their
+gradient (softmax minus one-hot, written in the input dtype), and multiplies it straight
+back into the gradient of the hidden states (and of W when it trains), scaled by
+1 / (counted tokens). Only the (tokens x hidden) gradient is kept; backward scales it.
 
 Numerics match the plain path (:func:`linear_cross_entropy_reference`): logits in the
 input dtype, then float32 for log-softmax, as Hugging Face's causal LM loss does.
@@ -65,24 +65,33 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             h = hidden[start:start + chunk]
             t = targets[start:start + chunk]
             ok = valid[start:start + chunk]
-            logits = F.linear(h, weight, bias).to(acc)
-            lse = torch.logsumexp(logits, dim=-1)
+            # Logits in the input dtype (as HF), log-softmax in float32 in one pass.
+            logp = torch.log_softmax(F.linear(h, weight, bias), dim=-1, dtype=acc)
             safe_t = torch.where(ok, t, torch.zeros_like(t))
-            picked = logits.gather(1, safe_t[:, None]).squeeze(1)
-            total += torch.where(ok, lse - picked, torch.zeros_like(lse)).sum()
+            picked = logp.gather(1, safe_t[:, None]).squeeze(1)
+            total -= torch.where(ok, picked, torch.zeros_like(picked)).sum()
             if grad_h is None and grad_w is None and grad_b is None:
                 continue
-            # d loss / d logits = (softmax - onehot) / count on counted rows, 0 elsewhere.
-            grad = logits.sub_(lse[:, None]).exp_()
-            grad.scatter_add_(1, safe_t[:, None], -torch.ones_like(lse)[:, None])
-            grad.mul_((ok.to(acc) / denom)[:, None])
-            g = grad.to(hidden.dtype)
+            # d loss / d logits = (softmax - onehot) * ok / count. The softmax is written
+            # straight in the input dtype (one read of log p, one narrow write); the row
+            # factor ok / count is applied to the (chunk x dim) product, not the logits.
+            grad = torch.empty(logp.shape, dtype=hidden.dtype, device=logp.device)
+            torch.exp(logp, out=grad)
+            del logp
+            grad.scatter_add_(1, safe_t[:, None],
+                              torch.full((grad.shape[0], 1), -1.0, dtype=grad.dtype,
+                                         device=grad.device))
+            row = ok.to(acc) / denom
             if grad_h is not None:
-                torch.mm(g, weight.to(hidden.dtype), out=grad_h[start:start + chunk])
-            if grad_w is not None:
-                grad_w.addmm_(grad.t(), h.to(acc))
-            if grad_b is not None:
-                grad_b += grad.sum(0)
+                out = grad_h[start:start + chunk]
+                torch.mm(grad, weight.to(hidden.dtype), out=out)
+                out.mul_(row[:, None].to(out.dtype))
+            if grad_w is not None or grad_b is not None:
+                scaled = grad.to(acc).mul_(row[:, None])
+                if grad_w is not None:
+                    grad_w.addmm_(scaled.t(), h.to(acc))
+                if grad_b is not None:
+                    grad_b += scaled.sum(0)
         ctx.save_for_backward(*(t for t in (grad_h, grad_w, grad_b) if t is not None))
         ctx.which = (grad_h is not None, grad_w is not None, grad_b is not None)
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)

@@ -36,24 +36,31 @@ def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     return y + (hidden @ B.t() * scale).to(y.dtype)
 
 
+def _fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   A: torch.Tensor, B: torch.Tensor, scale: float):
+    """Return (y, x2, Ac, Bc, h): the output and what backward needs."""
+    d_in, d_out = weight.shape[1], weight.shape[0]
+    x2 = x.reshape(-1, d_in)
+    Ac, Bc = A.to(x.dtype), B.to(x.dtype)
+    y = F.linear(x2, weight, bias)
+    h = x2 @ Ac.t()
+    # beta=1 accumulation into the fresh base output; the scale rides in alpha.
+    y.addmm_(h, Bc.t(), alpha=scale)
+    return y.view(*x.shape[:-1], d_out), x2, Ac, Bc, h
+
+
 class LoraLinearFunction(torch.autograd.Function):
     """Fused forward and rank-ordered backward of a LoRA'd linear layer."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
-        d_in, d_out = weight.shape[1], weight.shape[0]
-        x2 = x.reshape(-1, d_in)
-        Ac, Bc = A.to(x.dtype), B.to(x.dtype)
-        y = F.linear(x2, weight, bias)
-        h = x2 @ Ac.t()
-        # beta=1 accumulation into the fresh base output; the scale rides in alpha.
-        y.addmm_(h, Bc.t(), alpha=scale)
+        y, x2, Ac, Bc, h = _fused_forward(x, weight, bias, A, B, scale)
         ctx.save_for_backward(x2, weight, Ac, Bc, h)
         ctx.scale = scale
         ctx.adapter_dtypes = (A.dtype, B.dtype)
         ctx.has_bias = bias is not None
-        return y.view(*x.shape[:-1], d_out)
+        return y
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -82,7 +89,14 @@ class LoraLinearFunction(torch.autograd.Function):
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
-    """Return x W^T + b + s (x A^T) B^T through :class:`LoraLinearFunction`."""
+    """Return x W^T + b + s (x A^T) B^T through :class:`LoraLinearFunction`.
+
+    Without autograd recording (inference) the Function is skipped: same kernels, less
+    Python per call, which is what decoding one token at a time is bound by.
+    """
+    if not torch.is_grad_enabled() or not any(
+            t is not None and t.requires_grad for t in (x, weight, bias, A, B)):
+        return _fused_forward(x, weight, bias, A, B, float(scale))[0]
     return LoraLinearFunction.apply(x, weight, bias, A, B, float(scale))
 
 

@@ -123,62 +123,82 @@ def multi_lora_concat(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
 DECODE_TOKENS = 8  # at most this many tokens per row: the concatenated layout
 
 
+def _value(v):
+    return v() if callable(v) else v
+
+
 class AdapterBank:
     """Side-by-side layouts of a layer's adapters, cached while their tensors are unchanged.
 
-    The cache is keyed by the adapters' names, storage and version counters (an
-    optimizer step or a load bumps the version), so a changed adapter is re-laid out on
-    the next call; with autograd recording through trainable adapters nothing is cached.
-    Switching adapters therefore swaps no module and recompiles nothing.
+    The cache is checked against the adapters' identity (``keys``), storage and version
+    counters (an optimizer step or a load bumps the version), so a changed adapter is
+    re-laid out on the next call; with autograd recording through trainable adapters
+    nothing is cached. Switching adapters swaps no module and recompiles nothing. The
+    checks are a few list comparisons per layer: decoding one token is bound by Python.
     """
 
     def __init__(self) -> None:
         self._key: tuple | None = None
+        self._tensors: list[torch.Tensor] = []
+        self._state: tuple[list[int], list[int]] = ([], [])
         self._layouts: dict[str, tuple] = {}
         self._rows: dict[tuple, torch.Tensor] = {}
 
-    def _layout(self, kind: str, build, cache: bool):
-        if not cache:
-            return build()
-        if kind not in self._layouts:
-            self._layouts[kind] = build()
-        return self._layouts[kind]
-
-    def _row_tensor(self, key: tuple, build, cache: bool) -> torch.Tensor:
-        if not cache:
-            return build()
-        if key not in self._rows:
-            if len(self._rows) > 64:
-                self._rows.clear()
-            self._rows[key] = build()
-        return self._rows[key]
+    def _valid(self, key: tuple) -> bool:
+        if key != self._key:
+            return False
+        ts = self._tensors
+        return self._state == ([t._version for t in ts], [t.data_ptr() for t in ts])
 
     def apply(self, names: Sequence[str], As: Sequence[torch.Tensor],
               Bs: Sequence[torch.Tensor], scales: Sequence[float],
-              row_adapter: Sequence[int], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Return y plus row i's LoRA term through adapter ``row_adapter[i]`` (-1: none)."""
-        tensors = (*As, *Bs)
-        cache = not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-        key = (tuple(names), x.dtype, x.device, tuple(scales),
-               tuple((t.data_ptr(), t._version) for t in tensors))
-        if not cache or key != self._key:
+              row_adapter: Sequence[int], x: torch.Tensor, y: torch.Tensor,
+              keys: tuple | None = None) -> torch.Tensor:
+        """Return y plus row i's LoRA term through adapter ``row_adapter[i]`` (-1: none).
+
+        ``keys`` identifies the adapter objects (default: the names); As, Bs and scales
+        may be zero-argument callables, evaluated only when the layout is rebuilt.
+        """
+        cache = True
+        if torch.is_grad_enabled():
+            As, Bs = _value(As), _value(Bs)
+            cache = not any(t.requires_grad for t in (*As, *Bs))
+        key = (tuple(names), keys, x.dtype, x.device, tuple(scales))
+        if not cache or not self._valid(key):
+            As, Bs = _value(As), _value(Bs)
             self._layouts.clear()
             self._rows.clear()
             self._key = key if cache else None
-        rows = tuple(row_adapter)
+            self._tensors = [*As, *Bs]
+            self._state = ([t._version for t in self._tensors],
+                           [t.data_ptr() for t in self._tensors])
+        else:
+            # Valid cache: the stored tensors are the adapters' (same objects, unchanged).
+            n = len(self._tensors) // 2
+            As, Bs = self._tensors[:n], self._tensors[n:]
+        return self._apply(As, Bs, scales, tuple(row_adapter), x, y, cache)
+
+    def _apply(self, As, Bs, scales, rows: tuple, x: torch.Tensor, y: torch.Tensor,
+               cache: bool) -> torch.Tensor:
         tokens = x.numel() // max(x.shape[0] * x.shape[-1], 1)
+        layouts, row_cache = (self._layouts, self._rows) if cache else ({}, {})
+        if len(row_cache) > 64:
+            row_cache.clear()
         if tokens <= DECODE_TOKENS:
-            a_cat, b_cat, offsets = self._layout(
-                "concat", lambda: stack_concat(As, Bs, scales, x.dtype), cache)
-            mask = self._row_tensor(("mask", rows), lambda: concat_mask(
-                rows, offsets, x.dtype, x.device), cache)
-            return multi_lora_concat(x, y, mask, a_cat, b_cat)
-        a_stack, b_stack = self._layout(
-            "padded", lambda: stack_padded(As, Bs, scales, x.dtype), cache)
-        base_entry = len(As)
-        index = self._row_tensor(("index", rows), lambda: torch.tensor(
-            [k if k >= 0 else base_entry for k in rows], device=x.device), cache)
-        return multi_lora_gathered(x, y, index, a_stack, b_stack)
+            if "concat" not in layouts:
+                layouts["concat"] = stack_concat(As, Bs, scales, x.dtype)
+            a_cat, b_cat, offsets = layouts["concat"]
+            if ("mask", rows) not in row_cache:
+                row_cache["mask", rows] = concat_mask(rows, offsets, x.dtype, x.device)
+            return multi_lora_concat(x, y, row_cache["mask", rows], a_cat, b_cat)
+        if "padded" not in layouts:
+            layouts["padded"] = stack_padded(As, Bs, scales, x.dtype)
+        a_stack, b_stack = layouts["padded"]
+        if ("index", rows) not in row_cache:
+            base_entry = len(As)
+            row_cache["index", rows] = torch.tensor(
+                [k if k >= 0 else base_entry for k in rows], device=x.device)
+        return multi_lora_gathered(x, y, row_cache["index", rows], a_stack, b_stack)
 
 
 __all__ = ["AdapterBank", "concat_mask", "multi_lora_concat", "multi_lora_gathered",

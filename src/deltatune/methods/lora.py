@@ -17,6 +17,7 @@ The paper adapts W_q and W_v; that is the default here.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import re
 from collections.abc import Sequence
@@ -80,6 +81,9 @@ def lora_scale(alpha: float, r: int, rslora: bool) -> float:
     return alpha / math.sqrt(r) if rslora else alpha / r
 
 
+_SERIALS = itertools.count()
+
+
 class LoraDelta(LayerDelta):
     """A and B for one linear, Conv1D or embedding layer."""
 
@@ -97,6 +101,8 @@ class LoraDelta(LayerDelta):
                 f"it for this module alone).", field="r")
         self.r = r
         self.scale = lora_scale(alpha, r, rslora)
+        # Unique per delta object: caches of stacked adapters (kernels.multi_lora) key on it.
+        self.serial = next(_SERIALS)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Parameter(torch.empty(r, self.d_in))
         self.lora_B = nn.Parameter(torch.zeros(self.d_out, r))
@@ -116,7 +122,9 @@ class LoraDelta(LayerDelta):
 
     def _fast_ok(self, base: nn.Module, x: torch.Tensor) -> bool:
         """True when the fused kernels (deltatune.kernels) compute this layer's output."""
-        return (self.kind in ("linear", "conv1d") and fast_path_enabled(x)
+        # A subclass that changes the math (post_forward) keeps the plain path.
+        return (type(self).post_forward is LoraDelta.post_forward
+                and self.kind in ("linear", "conv1d") and fast_path_enabled(x)
                 and (isinstance(self.dropout, nn.Identity) or not self.training)
                 and x.dtype == base.weight.dtype and x.dtype.is_floating_point
                 and not base._forward_hooks and not base._forward_pre_hooks)
@@ -134,13 +142,19 @@ class LoraDelta(LayerDelta):
                           y: torch.Tensor) -> torch.Tensor | None:
         """Mixed-adapter batch in two batched matmuls (deltatune.kernels.multi_lora)."""
         loras = list(deltas.values())
-        if not all(isinstance(d, LoraDelta) and d._fast_ok(owner.base, x) for d in loras):
+        first = loras[0]
+        # Layer-level conditions are shared; dropout only matters in training mode.
+        if not first._fast_ok(owner.base, x) or (first.training and not all(
+                isinstance(d.dropout, nn.Identity) for d in loras)):
             return None
-        names = list(deltas)
-        bank = owner.__dict__.setdefault("_lora_bank", AdapterBank())
-        row_adapter = [names.index(n) if n is not None else -1 for n in rows]
-        return bank.apply(names, [d.lora_A for d in loras], [d.lora_B for d in loras],
-                          [d.scale for d in loras], row_adapter, x, y)
+        position = {n: i for i, n in enumerate(deltas)}
+        bank = owner.__dict__.get("_lora_bank")
+        if bank is None:
+            bank = owner.__dict__["_lora_bank"] = AdapterBank()
+        return bank.apply(
+            list(deltas), lambda: [d.lora_A for d in loras], lambda: [d.lora_B for d in loras],
+            [d.scale for d in loras], [position[n] if n is not None else -1 for n in rows],
+            x, y, keys=tuple(d.serial for d in loras))
 
     def delta_weight(self) -> torch.Tensor:
         """Return s * B A in float32: (d_out, d_in), or (vocab, dim) for an embedding."""

@@ -18,7 +18,7 @@ Causal-LM supervised fine-tuning of a LoRA delta, end to end::
                                       eval_every=50, save_every=50))
     result.history          # [{"step", "loss", "lr", "grad_norm", "items"}, ...] per step
     result.final_eval       # {"loss", "perplexity", "tokens", "rouge_l"} on eval_data
-    result.delta_dir        # runs/demo/delta: the trained delta (load with dt.load)
+    result.delta_dir        # runs/demo/adapter: the trained delta (load with dt.load)
     task.generate(dm, task.encode_rows(held_out[:5]))   # greedy generations (strings)
 
 ``train(..., resume="auto")`` continues from the newest complete checkpoint in
@@ -26,7 +26,7 @@ Causal-LM supervised fine-tuning of a LoRA delta, end to end::
 never interrupted. ``Trainer`` is the class behind ``train`` (``fit``, ``evaluate``,
 ``save_checkpoint``, ``load_checkpoint``, ``request_stop``). Files written into
 ``output_dir``: ``checkpoints/step-XXXXXXXX/`` (see :mod:`deltatune.train.checkpoint`),
-``delta/`` (final), ``best/`` (best evaluation, when evaluating), ``log.jsonl`` (one
+``adapter/`` (final), ``best/`` (best evaluation, when evaluating), ``log.jsonl`` (one
 JSON line per optimizer step and per evaluation) and, from the CLI, ``run.yaml``.
 docs/training.md describes every setting, the checkpoint format and the safety rules.
 """
@@ -37,6 +37,7 @@ from deltatune.train.trainer import (
     Trainer,
     TrainerCallback,
     TrainingInterrupted,
+    TrainingOutOfMemory,
     TrainResult,
     lr_factor,
     train,
@@ -49,6 +50,7 @@ __all__ = [
     "Trainer",
     "TrainerCallback",
     "TrainingInterrupted",
+    "TrainingOutOfMemory",
     "find_resumable",
     "list_checkpoints",
     "lr_factor",

@@ -165,13 +165,25 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def check_checkpoint(path: str | Path) -> dict[str, Any]:
+def check_checkpoint(path: str | Path, *, partial: bool = False) -> dict[str, Any]:
     """Verify a checkpoint (manifest, every part present); return its trainer state.
 
-    Raises :class:`AdapterFileCorrupt` naming the defect.
+    Raises :class:`AdapterFileCorrupt` naming the defect. With ``partial`` the optional
+    parts (optimizer, random generators, callbacks) may be missing, but every file that
+    is present must match the manifest, and the parameters, the trainer state and (for
+    a mid-step checkpoint) the gradients must be there.
     """
     path = Path(path)
-    io.verify_manifest(path)
+    if partial:
+        manifest = io.read_json(path / io.MANIFEST, what="manifest")
+        for rel, entry in (manifest.get("files") or {}).items():
+            f = path / rel
+            if not f.is_file():
+                continue
+            if f.stat().st_size != entry.get("size") or io.sha256_file(f) != entry.get("sha256"):
+                raise AdapterFileCorrupt(f, "size or sha256 differs from the manifest")
+    else:
+        io.verify_manifest(path)
     state = io.read_json(path / STATE_FILE, what="trainer state")
     if state.get("format") != FORMAT_NAME:
         raise AdapterFileCorrupt(path / STATE_FILE, f"not a deltatune checkpoint (format "
@@ -179,7 +191,8 @@ def check_checkpoint(path: str | Path) -> dict[str, Any]:
     if state.get("format_version", 0) > FORMAT_VERSION:
         raise AdapterFileCorrupt(path / STATE_FILE, f"written by a newer deltatune (format "
                                  f"version {state['format_version']})", "upgrade deltatune")
-    needed = [TRAINABLE_FILE] + [f"{p}.{ext}" for p in PARTS for ext in ("json", "safetensors")]
+    needed = [TRAINABLE_FILE] + ([] if partial else
+                                 [f"{p}.{ext}" for p in PARTS for ext in ("json", "safetensors")])
     if state.get("micro", 0):
         needed.append(GRADS_FILE)
     missing = [n for n in needed if not (path / n).is_file()]
@@ -187,6 +200,13 @@ def check_checkpoint(path: str | Path) -> dict[str, Any]:
         raise AdapterFileCorrupt(path, f"missing {', '.join(missing)}",
                                  "resume from an earlier checkpoint")
     return state
+
+
+def missing_parts(path: str | Path) -> list[str]:
+    """Names of the optional parts (optimizer, rng, callbacks) absent from a checkpoint."""
+    path = Path(path)
+    return [p for p in PARTS if not all((path / f"{p}.{ext}").is_file()
+                                        for ext in ("json", "safetensors"))]
 
 
 def find_resumable(output_dir: str | Path) -> tuple[Path | None, list[str]]:
@@ -242,15 +262,24 @@ def write_checkpoint(path: str | Path, data: CheckpointData) -> Path:
     return path
 
 
-def read_checkpoint(path: str | Path) -> CheckpointData:
-    """Verify and read a checkpoint written by :func:`write_checkpoint`."""
+def read_checkpoint(path: str | Path, *, partial: bool = False) -> CheckpointData:
+    """Verify and read a checkpoint written by :func:`write_checkpoint`.
+
+    With ``partial``, missing optional parts come back as None (see
+    :func:`check_checkpoint`).
+    """
     path = Path(path)
-    state = check_checkpoint(path)
+    state = check_checkpoint(path, partial=partial)
+    absent = set(missing_parts(path)) if partial else set()
     trainable, _ = io.load_tensors(path / TRAINABLE_FILE)
     grads = io.load_tensors(path / GRADS_FILE)[0] if state.get("micro", 0) else None
+
+    def part(name: str) -> Any:
+        return None if name in absent else _read_part(path, name)
+
     return CheckpointData(state=state, trainable=trainable, grads=grads,
-                          optimizer=_read_part(path, "optimizer"), rng=_read_part(path, "rng"),
-                          callbacks=_read_part(path, "callbacks"))
+                          optimizer=part("optimizer"), rng=part("rng"),
+                          callbacks=part("callbacks"))
 
 
 def prune(output_dir: str | Path, keep: int, protect: Path | None = None) -> list[Path]:

@@ -42,13 +42,14 @@ from typing import Any
 
 import torch
 
-from deltatune.core.errors import ConfigError, NonFiniteError
+from deltatune.core.errors import ConfigError, DeltaTuneError, NonFiniteError
 from deltatune.tasks.base import Encoded, Example, Task, unwrap
 from deltatune.train import checkpoint as ckpt
 from deltatune.train.config import TRAJECTORY_FIELDS, TrainConfig
 
 logger = logging.getLogger("deltatune.train")
 LOG_FILE = "log.jsonl"
+ADAPTER_DIR = "adapter"  # the final trained delta, inside output_dir
 LORA_B = r"(^|\.)lora_B(\.|$)"
 
 
@@ -66,6 +67,10 @@ class TrainingInterrupted(KeyboardInterrupt):
         name = signal.Signals(signum).name
         where = f"checkpoint written to {checkpoint}" if checkpoint else "no checkpoint written"
         super().__init__(f"training interrupted by {name}; {where}")
+
+
+class TrainingOutOfMemory(DeltaTuneError, MemoryError):
+    """The device ran out of memory in a training step; the message says what to change."""
 
 
 class TrainerCallback:
@@ -102,8 +107,9 @@ class TrainResult:
 
     @property
     def final_loss(self) -> float | None:
-        """Training loss of the last optimizer step (None if no step ran)."""
-        return self.history[-1]["loss"] if self.history else None
+        """Training loss of the last optimizer step that ran (None if none did)."""
+        losses = [h["loss"] for h in self.history if "loss" in h]
+        return losses[-1] if losses else None
 
     def summary(self) -> dict[str, Any]:
         """JSON-able summary (for the run file)."""
@@ -163,7 +169,11 @@ class Trainer:
         self.train_stats = task.stats
         self.eval_examples = (task.encode_rows(eval_data, "evaluation data")
                               if eval_data is not None else None)
-        self.accelerator = Accelerator(mixed_precision=self.config.mixed_precision)
+        # accelerate only sets up multi-process CPU training (gloo) when told cpu=True
+        no_accelerator = not torch.cuda.is_available() and not (
+            hasattr(torch.backends, "mps") and torch.backends.mps.is_available())
+        self.accelerator = Accelerator(mixed_precision=self.config.mixed_precision,
+                                       cpu=no_accelerator)
         self.output_dir = Path(self.config.output_dir)
         self.raw_model = model
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -217,13 +227,17 @@ class Trainer:
     @staticmethod
     def _enable_gradient_checkpointing(model: torch.nn.Module) -> None:
         inner = getattr(model, "model", model)
-        enable = getattr(inner, "gradient_checkpointing_enable", None)
-        if enable is None:
+        # Non-reentrant checkpointing works with a frozen embedding (no input grads needed).
+        # transformers 5 renamed the switch; the old name still works but warns.
+        kwargs = {"use_reentrant": False}
+        if hasattr(inner, "activation_checkpointing_enable"):
+            inner.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        elif hasattr(inner, "gradient_checkpointing_enable"):
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        else:
             raise ConfigError(f"{type(inner).__name__} does not support gradient checkpointing "
                               f"(no gradient_checkpointing_enable)",
                               field="gradient_checkpointing")
-        # Non-reentrant checkpointing works with a frozen embedding (no input grads needed).
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(getattr(inner, "config", None), "use_cache"):
             inner.config.use_cache = False
 
@@ -311,8 +325,9 @@ class Trainer:
             reason = self._loop()
         finally:
             self._restore_signals(previous)
-        if self._signal is not None:
+        if self._signal is not None and reason == "stopped":
             raise TrainingInterrupted(self._signal, self.last_checkpoint)
+        # (a signal during the very last step: the run is complete, so it simply finishes)
         return self._finish(reason, time.perf_counter() - start, resumed_from, notes)
 
     # -- the loop --------------------------------------------------------------------------
@@ -351,6 +366,9 @@ class Trainer:
                     continue
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+                if self.step % cfg.log_every == 0:
+                    logger.info("step %d/%d loss %.4f lr %.3e grad-norm %.3f", self.step, total,
+                                record["loss"], record["lr"], record["grad_norm"])
                 if cfg.eval_every and self.eval_examples is not None and \
                         self.step % cfg.eval_every == 0 and self._evaluate_and_track():
                     reason = "early-stopping"
@@ -376,9 +394,12 @@ class Trainer:
             sync = j == len(window) - 1 or world == 1
             ctx = contextlib.nullcontext() if sync else acc.no_sync(model)
             with ctx:
-                with acc.autocast():
-                    loss_sum, _ = self.task.loss_sum(model, batch)
-                    extra = getattr(unwrap(model), "extra_loss", lambda: None)()
+                try:
+                    with acc.autocast():
+                        loss_sum, _ = self.task.loss_sum(model, batch)
+                        extra = getattr(unwrap(model), "extra_loss", lambda: None)()
+                except torch.OutOfMemoryError as exc:
+                    raise self._oom(batch, exc) from None
                 if not torch.isfinite(loss_sum.detach()) or (
                         extra is not None and not torch.isfinite(extra.detach())):
                     value = float(loss_sum) if extra is None else float(loss_sum + extra)
@@ -387,7 +408,10 @@ class Trainer:
                 loss = loss_sum * (weight * world / n_items)
                 if extra is not None:
                     loss = loss + extra / len(window)
-                acc.backward(loss)
+                try:
+                    acc.backward(loss)
+                except torch.OutOfMemoryError as exc:
+                    raise self._oom(batch, exc) from None
             self.window_loss += float(loss_sum.detach()) * weight
             self.micro = j + 1
             for cb in self.callbacks:
@@ -395,6 +419,29 @@ class Trainer:
             if self._stop and self.micro < len(window) and world == 1:
                 return False
         return True
+
+    def _oom(self, batch: dict[str, torch.Tensor], exc: BaseException) -> TrainingOutOfMemory:
+        """An out-of-memory error with the batch's size and what to change."""
+        cfg = self.config
+        shape = tuple(batch["input_ids"].shape) if "input_ids" in batch else None
+        used = ""
+        if torch.cuda.is_available():
+            used = (f" {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB was the peak "
+                    f"allocation on {self.accelerator.device}.")
+        trainable = sum(p.numel() for _, p in self._trainable())
+        hint = (f"batch_size={max(1, cfg.batch_size // 2)} with grad_accum="
+                f"{cfg.grad_accum * 2} (same effective batch)" if cfg.batch_size > 1 else
+                "a smaller max_length")
+        extras = [x for x, on in (("gradient_checkpointing=True",
+                                   not cfg.gradient_checkpointing),
+                                  ("mixed_precision='bf16'", cfg.mixed_precision == "no"))
+                  if on]
+        return TrainingOutOfMemory(
+            f"out of memory at optimizer step {self.step + 1}, micro-batch {self.micro + 1} "
+            f"(batch of token shape {shape}, {trainable:,} trainable parameters).{used} "
+            f"Nothing was saved after the last checkpoint ({self.last_checkpoint or 'none'}). "
+            f"Try {hint}" + (f", or {' / '.join(extras)}" if extras else "") +
+            f". ({type(exc).__name__}: {str(exc)[:200]})")
 
     def _trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
         params = dict(unwrap(self.model).named_parameters())
@@ -585,8 +632,17 @@ class Trainer:
         its data, its process count or its parameter names differ from this run's.
         """
         path = Path(path)
-        data = ckpt.read_checkpoint(path)
+        partial = self.config.allow_partial_resume
+        data = ckpt.read_checkpoint(path, partial=partial)
         st = data.state
+        notes = [f"{path.name} has no {part} state: {why}; the run will not match an "
+                 f"uninterrupted one" for part, why in (
+                     ("optimizer", "AdamW moments start from zero"),
+                     ("rng", "random generators keep their current state"),
+                     ("callbacks", "method callbacks start fresh"))
+                 if getattr(data, part) is None]
+        for note in notes:
+            logger.warning(note)
         now = self.config.to_dict()
         changed = [f"{k}: checkpoint {st['config'].get(k)!r}, now {now[k]!r}"
                    for k in TRAJECTORY_FIELDS if st["config"].get(k) != now[k]]
@@ -617,24 +673,26 @@ class Trainer:
                 p.grad = None
                 if data.grads is not None:
                     p.grad = data.grads[name].to(p.device, p.dtype).clone()
-        self.optimizer.load_state_dict(_fix_optimizer_state(data.optimizer))
-        if len(data.callbacks) != len(self.method_callbacks):
+        if data.optimizer is not None:
+            self.optimizer.load_state_dict(_fix_optimizer_state(data.optimizer))
+        if data.callbacks is not None and len(data.callbacks) != len(self.method_callbacks):
             raise ckpt.ResumeError(f"cannot resume from {path}: it holds {len(data.callbacks)} "
                                    f"method callback state(s), the model has "
                                    f"{len(self.method_callbacks)}")
-        for cb, state in zip(self.method_callbacks, data.callbacks):
+        for cb, state in zip(self.method_callbacks, data.callbacks or []):
             cb.load_state_dict(state)
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None and st.get("scaler"):
             scaler.load_state_dict(st["scaler"])
-        ckpt.set_rng_state(data.rng)
+        if data.rng is not None:
+            ckpt.set_rng_state(data.rng)
         self.step, self.micro = int(st["step"]), int(st["micro"])
         self.window_loss = float(st["window_loss"])
         self.history, self.evals = list(st["history"]), list(st["evals"])
         self.best, self.bad_evals = st["best"], int(st["bad_evals"])
         self.skipped_steps = int(st["skipped_steps"])
         self.last_checkpoint = path
-        return [f"resumed from {path} (step {self.step}, micro-batch {self.micro})"]
+        return [f"resumed from {path} (step {self.step}, micro-batch {self.micro})", *notes]
 
     def _write_log(self) -> None:
         from deltatune.core import io
@@ -659,7 +717,8 @@ class Trainer:
                                     self.last_checkpoint.name !=
                                     ckpt.checkpoint_name(self.step, self.micro)):
             self.save_checkpoint()
-        delta_dir = self._save_model(self.output_dir / "delta") if reason != "stopped" else None
+        delta_dir = (self._save_model(self.output_dir / ADAPTER_DIR) if reason != "stopped"
+                     else None)
         if self.accelerator.is_main_process:
             self._write_log()
         unwrap(self.model).eval()
@@ -721,4 +780,4 @@ def train(model: torch.nn.Module, task: Task, train_data: Sequence[Any],
 
 
 __all__ = ["Encoded", "TrainResult", "Trainer", "TrainerCallback", "TrainingInterrupted",
-           "lr_factor", "train"]
+           "TrainingOutOfMemory", "lr_factor", "train"]

@@ -1,0 +1,141 @@
+"""Which methods the lab knows, and how a lab method name becomes something to train.
+
+A lab method is either a registered deltatune method (``lora``, ``bitfit``, ``full``...:
+its config's defaults follow the paper, and a task head is added to ``modules_to_save``)
+or ``icl``, few-shot prompting with no training. Each has a default learning rate taken
+from its paper's recipe where one exists (PEFT methods train with larger steps than full
+fine-tuning). A name that deltatune does not know is an error listing the known names; a
+name the lab knows but whose method is not installed in this build is an error saying so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any
+
+from deltatune.core.config import DeltaConfig
+from deltatune.core.errors import ConfigError, UnknownMethodError
+
+# Every method the lab's comparison expects (SPEC.md's table), in display order.
+LAB_METHODS = ("full", "bitfit", "lora", "adalora", "ia3", "houlsby", "pfeiffer", "parallel",
+               "mam", "krona", "loha", "prompt", "prefix", "ptuning", "ptuning-v2", "icl")
+
+# Default learning rates for AdamW (overridable per method). Sources: full fine-tuning of
+# BERT-size encoders 2e-5..1e-4 (BERT paper) -- we use 1e-4 for the short budgets here;
+# LoRA 5e-4..1e-3 (LoRA paper, GLUE tables); BitFit 1e-3 (BitFit paper); adapters 1e-3
+# (Houlsby); IA3 3e-3 (T-Few); prompt tuning 0.3 with Adafactor -> 3e-2 with AdamW;
+# prefix tuning 5e-4..8e-5 (prefix-tuning paper) -> 1e-3 for short runs.
+DEFAULT_LR: dict[str, float] = {
+    "full": 1e-4, "bitfit": 1e-3, "lora": 1e-3, "adalora": 1e-3, "ia3": 3e-3,
+    "houlsby": 1e-3, "pfeiffer": 1e-3, "parallel": 1e-3, "mam": 1e-3, "krona": 1e-3,
+    "loha": 1e-3, "prompt": 3e-2, "prefix": 1e-3, "ptuning": 1e-3, "ptuning-v2": 1e-2,
+    "kronab": 1e-3, "unified": 1e-3,
+}
+FALLBACK_LR = 1e-3
+ICL = "icl"
+# Lab spellings of registered method names (the SPEC's and the papers' short names).
+ALIASES = {"parallel": "parallel_adapter", "ptuning-v2": "ptuning_v2", "p-tuning-v2": "ptuning_v2",
+           "p-tuning": "ptuning", "prompt-tuning": "prompt", "prefix-tuning": "prefix"}
+
+
+def resolve(method: str) -> str:
+    """Return the registry name of a lab method name (``parallel`` -> ``parallel_adapter``)."""
+    return ALIASES.get(method, method)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """One row of a comparison: a label, the method, config overrides and a learning rate."""
+
+    label: str
+    method: str
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    lr: float | None = None
+    shots: int = 4  # only for icl
+
+    @property
+    def trains(self) -> bool:
+        """False for ICL, which only prompts the untuned model."""
+        return self.method != ICL
+
+    def learning_rate(self) -> float:
+        """The learning rate this run uses (explicit, else the method's default)."""
+        if self.lr is not None:
+            return self.lr
+        return DEFAULT_LR.get(self.method, DEFAULT_LR.get(resolve(self.method), FALLBACK_LR))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready description (goes into results.json and the resume fingerprint)."""
+        out = {"label": self.label, "method": self.method, "overrides": self.overrides,
+               "lr": self.learning_rate()}
+        if not self.trains:
+            out = {"label": self.label, "method": self.method, "shots": self.shots}
+        return out
+
+
+def registered() -> list[str]:
+    """Names of the methods this deltatune build has registered."""
+    from deltatune.core.registry import known_methods
+
+    return known_methods()
+
+
+def check_available(method: str) -> None:
+    """Raise a clear error unless ``method`` can run in this build."""
+    if method == ICL:
+        return
+    names = registered()
+    if resolve(method) in names:
+        return
+    if method in LAB_METHODS or method in ALIASES:
+        raise UnknownMethodError(
+            f"method {method!r} is part of the lab's comparison but is not available in this "
+            f"deltatune build yet (registered: {', '.join(names)}); leave it out of --methods",
+            field="methods")
+    close = difflib.get_close_matches(method, [*names, ICL, *LAB_METHODS], n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise UnknownMethodError(f"unknown method {method!r}.{hint} Known: "
+                             f"{', '.join(sorted(set(names) | {ICL}))}", field="methods")
+
+
+def parse_methods(text: str | list[str]) -> list[RunSpec]:
+    """Turn ``"full,bitfit,lora"`` (or a list) into run specs, checking each is available.
+
+    Every unavailable name is reported at once, so one error lists all fixes.
+    """
+    items = [m.strip() for m in (text.split(",") if isinstance(text, str) else text)]
+    items = [m for m in items if m]
+    if not items:
+        raise ConfigError("no methods given; e.g. --methods full,bitfit,lora", field="methods")
+    if len(set(items)) != len(items):
+        raise ConfigError(f"a method is listed twice in {items}", field="methods")
+    problems = []
+    for m in items:
+        try:
+            check_available(m)
+        except UnknownMethodError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise UnknownMethodError("; ".join(problems), field="methods")
+    return [RunSpec(label=m, method=m) for m in items]
+
+
+def build_config(spec: RunSpec, head_modules: tuple[str, ...]) -> DeltaConfig:
+    """Return the validated config of ``spec``'s method with its overrides applied.
+
+    The task's new head (``head_modules``) is trained alongside the delta through
+    ``modules_to_save``, except for methods that train whole modules already and say so
+    by not having that field.
+    """
+    from deltatune.core.registry import config_class
+
+    check_available(spec.method)
+    method = resolve(spec.method)
+    cls = config_class(method)
+    data: dict[str, Any] = dict(spec.overrides)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    if head_modules and "modules_to_save" in fields and "modules_to_save" not in data \
+            and method != "full":
+        data["modules_to_save"] = list(head_modules)
+    return cls.from_dict({"method": method, **data})

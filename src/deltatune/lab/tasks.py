@@ -1,0 +1,395 @@
+"""The lab's tasks: a real model, a real data set, a loss and a metric, at two sizes.
+
+A :class:`LabTask` knows how to load a fresh model, how to cut its data set into
+training batches, how to score a tuned model, and which fixed batch times inference.
+Built in (all offline, see docs/lab.md):
+
+- ``sentiment``: Rotten Tomatoes critic snippets (positive/negative) with the MiniLM-L6
+  encoder and a new classification head; metric: accuracy on held-out movies.
+- ``definitions``: WordNet word -> definition with SmolLM2-135M-Instruct (causal LM,
+  loss on the answer tokens only); metric: ROUGE-L F1 of greedy definitions of held-out
+  words (and answer-token loss). Supports in-context learning (ICL) as a no-training row.
+
+No sequence-labelling task is built in: no NER/BIO data set ships in the registries we can
+reach (../shared/ASSETS.md), and we did not want to present derived tags as a benchmark.
+Tests register tiny tasks on random models with :func:`register_task`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from deltatune.core.errors import ConfigError, DataError
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSize:
+    """How much of a task one run uses: examples, steps, batch, sequence length."""
+
+    train_examples: int
+    eval_examples: int
+    steps: int
+    batch_size: int
+    max_length: int
+    latency_batch: int = 8
+    latency_repeats: int = 5
+
+
+@dataclasses.dataclass
+class Loaded:
+    """A freshly loaded model, its tokenizer (or None) and the device it lives on."""
+
+    model: Any
+    tokenizer: Any
+    device: torch.device
+    task: Any = None  # the LabTask that loaded it (sweeps read label names from it)
+
+
+class LabTask:
+    """Base class of a lab task. Subclasses implement the five hooks below."""
+
+    name: str = ""
+    description: str = ""
+    model_name: str = ""
+    metric: str = ""  # the main metric; higher is better
+    # base modules trained with every PEFT method (a new task head), via modules_to_save
+    head_modules: tuple[str, ...] = ()
+    supports_icl: bool = False
+    sizes: ClassVar[dict[str, TaskSize]] = {}
+
+    def size(self, name: str) -> TaskSize:
+        """Return the :class:`TaskSize` called ``name`` (``default`` or ``full``)."""
+        try:
+            return self.sizes[name]
+        except KeyError:
+            raise ConfigError(f"task {self.name!r} has no size {name!r}; sizes: "
+                              f"{', '.join(self.sizes)}", field="size") from None
+
+    def load(self, device: torch.device) -> Loaded:
+        """Return a fresh copy of the pretrained model (eval mode) on ``device``."""
+        raise NotImplementedError
+
+    def train_batches(self, loaded: Loaded, size: TaskSize, seed: int) -> list[Batch]:
+        """Return the shuffled training batches of one run (seeded); each has ``labels``."""
+        raise NotImplementedError
+
+    def evaluate(self, model: Any, loaded: Loaded, size: TaskSize) -> dict[str, Any]:
+        """Score a (tuned) model on the held-out split; must include :attr:`metric`."""
+        raise NotImplementedError
+
+    def latency_batch(self, loaded: Loaded, size: TaskSize) -> Batch:
+        """Return the fixed batch used to time one inference forward pass."""
+        raise NotImplementedError
+
+    def evaluate_icl(self, loaded: Loaded, size: TaskSize, shots: int, seed: int
+                     ) -> tuple[dict[str, Any], Batch]:
+        """Score few-shot prompting (no training); return metrics and a latency batch."""
+        raise ConfigError(f"task {self.name!r} has no in-context-learning baseline (its model "
+                          f"is not a generator)", field="methods")
+
+
+def count_tokens(batch: Batch) -> int:
+    """Return the number of real (non-padding) input tokens in a batch."""
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        return int(mask.sum())
+    return int(batch["input_ids"].numel())
+
+
+def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def _epoch_order(n: int, count: int, seed: int) -> list[int]:
+    """Indices 0..n-1 in seeded shuffled epochs, as many as ``count`` needs."""
+    rng = random.Random(seed)
+    out: list[int] = []
+    while len(out) < count:
+        order = list(range(n))
+        rng.shuffle(order)
+        out.extend(order)
+    return out[:count]
+
+
+def _balanced(rows: list[dict], n: int, key: str, seed: int) -> list[dict]:
+    """Take ``n`` rows with the labels as balanced as the data allows (seeded)."""
+    rng = random.Random(seed)
+    groups: dict[Any, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row[key], []).append(row)
+    for g in groups.values():
+        rng.shuffle(g)
+    out: list[dict] = []
+    while len(out) < n and any(groups.values()):
+        for label in sorted(groups):
+            if groups[label] and len(out) < n:
+                out.append(groups[label].pop())
+    rng.shuffle(out)
+    return out
+
+
+# -- classification -----------------------------------------------------------------------
+class ClassificationTask(LabTask):
+    """Text classification with an encoder and a new head; metric: accuracy."""
+
+    metric = "accuracy"
+    dataset: str = ""
+    label_names: tuple[str, ...] = ()
+
+    def rows(self, split: str) -> list[dict]:
+        """Return ``{"text", "label"}`` rows of one split (label as a class name)."""
+        from deltatune import datasets
+
+        return datasets.load(self.dataset, split)
+
+    def _encode(self, loaded: Loaded, rows: Sequence[dict], max_length: int) -> Batch:
+        enc = loaded.tokenizer([r["text"] for r in rows], padding=True, truncation=True,
+                               max_length=max_length, return_tensors="pt")
+        batch = {k: v.to(loaded.device) for k, v in enc.items()}
+        batch["labels"] = torch.tensor([self.label_names.index(r["label"]) for r in rows],
+                                       device=loaded.device)
+        return batch
+
+    def _train_rows(self, size: TaskSize) -> list[dict]:
+        # the pool is fixed (seed 0) so every method and seed sees the same examples;
+        # the seed changes their order, the model's init, and dropout.
+        return _balanced(self.rows("train"), size.train_examples, "label", 0)
+
+    def _eval_rows(self, size: TaskSize) -> list[dict]:
+        return _balanced(self.rows("test"), size.eval_examples, "label", 0)
+
+    def train_batches(self, loaded: Loaded, size: TaskSize, seed: int) -> list[Batch]:
+        """Return ``steps`` seeded batches drawn epoch by epoch from the training pool."""
+        pool = self._train_rows(size)
+        if not pool:
+            raise DataError(f"task {self.name!r}: no training rows")
+        order = _epoch_order(len(pool), size.steps * size.batch_size, seed)
+        return [self._encode(loaded, [pool[i] for i in idx], size.max_length)
+                for idx in _chunks(order, size.batch_size)]
+
+    @torch.no_grad()
+    def evaluate(self, model: Any, loaded: Loaded, size: TaskSize) -> dict[str, Any]:
+        """Return accuracy (and mean loss) on the balanced held-out rows."""
+        model.eval()
+        rows = self._eval_rows(size)
+        correct, loss_sum = 0, 0.0
+        for chunk in _chunks(rows, 32):
+            batch = self._encode(loaded, chunk, size.max_length)
+            out = model(**batch)
+            correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+            loss_sum += float(out.loss) * len(chunk)
+        return {"accuracy": correct / len(rows), "eval_loss": loss_sum / len(rows)}
+
+    def latency_batch(self, loaded: Loaded, size: TaskSize) -> Batch:
+        """Return the first ``latency_batch`` held-out rows, without labels."""
+        batch = self._encode(loaded, self._eval_rows(size)[:size.latency_batch],
+                             size.max_length)
+        batch.pop("labels")
+        return batch
+
+
+class SentimentTask(ClassificationTask):
+    """Rotten Tomatoes fresh/rotten snippets with MiniLM-L6 (the SST-2-like task)."""
+
+    name = "sentiment"
+    description = ("Rotten Tomatoes critic snippets -> positive/negative, MiniLM-L6 encoder + "
+                   "new linear head; accuracy on the test split (movies not seen in training)")
+    model_name = "minilm-l6"
+    dataset = "rotten-tomatoes"
+    label_names = ("negative", "positive")
+    head_modules = ("classifier",)
+    sizes: ClassVar[dict[str, TaskSize]] = {
+        "default": TaskSize(train_examples=1000, eval_examples=256, steps=40, batch_size=16,
+                            max_length=48),
+        "full": TaskSize(train_examples=10157, eval_examples=1303, steps=3000, batch_size=32,
+                         max_length=128, latency_batch=32, latency_repeats=20),
+    }
+
+    def load(self, device: torch.device) -> Loaded:
+        """Load MiniLM-L6 with a fresh 2-way head (seeded by the caller)."""
+        from deltatune import models
+
+        model, tok = models.load(self.model_name, task="sequence-classification",
+                                 num_labels=len(self.label_names))
+        return Loaded(model.to(device), tok, device)
+
+
+# -- generation ---------------------------------------------------------------------------
+class DefinitionTask(LabTask):
+    """WordNet definitions with SmolLM2: SFT on the answer, ROUGE-L on held-out words."""
+
+    name = "definitions"
+    description = ("WordNet 3.0 'Define the word X (pos).' -> definition, SmolLM2-135M-Instruct, "
+                   "loss on the answer only; ROUGE-L F1 of greedy answers for held-out words")
+    model_name = "smollm2-135m-instruct"
+    metric = "rougeL"
+    dataset = "wordnet-definitions-demo"
+    supports_icl = True
+    max_new_tokens = 24
+    sizes: ClassVar[dict[str, TaskSize]] = {
+        "default": TaskSize(train_examples=400, eval_examples=32, steps=30, batch_size=8,
+                            max_length=40, latency_batch=8),
+        "full": TaskSize(train_examples=4000, eval_examples=300, steps=1500, batch_size=16,
+                         max_length=64, latency_batch=16, latency_repeats=20),
+    }
+
+    def rows(self, split: str) -> list[dict]:
+        """Return ``{"prompt", "response", ...}`` rows of one split."""
+        from deltatune import datasets
+
+        return datasets.load(self.dataset, split)
+
+    def load(self, device: torch.device) -> Loaded:
+        """Load SmolLM2 (causal LM) and give its tokenizer a pad token distinct from eos."""
+        from deltatune import models
+
+        model, tok = models.load(self.model_name, task="causal-lm")
+        models.ensure_pad_token(tok, model)
+        return Loaded(model.to(device), tok, device)
+
+    @staticmethod
+    def prompt_text(row: dict) -> str:
+        """The text the model is given; the answer follows it directly."""
+        return f"{row['prompt']}\nDefinition:"
+
+    def _encode_sft(self, loaded: Loaded, rows: Sequence[dict], max_length: int) -> Batch:
+        tok = loaded.tokenizer
+        ids, labels = [], []
+        for row in rows:
+            p = tok(self.prompt_text(row), add_special_tokens=False)["input_ids"]
+            a = tok(" " + row["response"], add_special_tokens=False)["input_ids"]
+            a = [*a, tok.eos_token_id]
+            seq = (p + a)[:max_length]
+            lab = ([-100] * len(p) + a)[:max_length]
+            ids.append(seq)
+            labels.append(lab)
+        width = max(len(s) for s in ids)
+        pad = tok.pad_token_id
+        batch = {
+            "input_ids": torch.tensor([s + [pad] * (width - len(s)) for s in ids]),
+            "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s))
+                                            for s in ids]),
+            "labels": torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels]),
+        }
+        return {k: v.to(loaded.device) for k, v in batch.items()}
+
+    def _train_rows(self, size: TaskSize) -> list[dict]:
+        rows = self.rows("train")
+        return rows[:size.train_examples]
+
+    def _eval_rows(self, size: TaskSize) -> list[dict]:
+        return self.rows("test")[:size.eval_examples]
+
+    def train_batches(self, loaded: Loaded, size: TaskSize, seed: int) -> list[Batch]:
+        """Return ``steps`` seeded batches of prompt+answer with the prompt masked out."""
+        pool = self._train_rows(size)
+        order = _epoch_order(len(pool), size.steps * size.batch_size, seed)
+        return [self._encode_sft(loaded, [pool[i] for i in idx], size.max_length)
+                for idx in _chunks(order, size.batch_size)]
+
+    def _generate(self, model: Any, loaded: Loaded, prompts: list[str]) -> list[str]:
+        tok = loaded.tokenizer
+        tok.padding_side = "left"  # generation continues every row from its last token
+        try:
+            enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        finally:
+            tok.padding_side = "right"
+        enc = {k: v.to(loaded.device) for k, v in enc.items()}
+        out = model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        # an answer is one line: few-shot prompts make models continue with the next item
+        return [t.strip().split("\n")[0].strip() for t in texts]
+
+    @staticmethod
+    def rouge_l(predictions: Sequence[str], rows: Sequence[dict]) -> float:
+        """Mean ROUGE-L F1 against the word's senses (the best-matching one counts)."""
+        from deltatune.metrics import rouge_l
+
+        return rouge_l(list(predictions),
+                       [row.get("references") or [row["response"]] for row in rows])
+
+    @torch.no_grad()
+    def evaluate(self, model: Any, loaded: Loaded, size: TaskSize) -> dict[str, Any]:
+        """Return ROUGE-L of greedy answers and the mean answer-token loss."""
+        model.eval()
+        rows = self._eval_rows(size)
+        preds: list[str] = []
+        loss_sum, n = 0.0, 0
+        for chunk in _chunks(rows, 16):
+            preds.extend(self._generate(model, loaded, [self.prompt_text(r) for r in chunk]))
+            batch = self._encode_sft(loaded, chunk, size.max_length)
+            loss_sum += float(model(**batch).loss) * len(chunk)
+            n += len(chunk)
+        return {"rougeL": self.rouge_l(preds, rows), "eval_loss": loss_sum / n,
+                "example": f"{rows[0]['prompt']} -> {preds[0]}"}
+
+    def latency_batch(self, loaded: Loaded, size: TaskSize) -> Batch:
+        """Return the prompts of the first held-out rows (a prefill forward pass)."""
+        batch = self._encode_sft(loaded, self._eval_rows(size)[:size.latency_batch],
+                                 size.max_length)
+        batch.pop("labels")
+        return batch
+
+    def icl_prompt(self, row: dict, demos: Sequence[dict]) -> str:
+        """Few-shot prompt: ``demos`` answered in the training format, then ``row``."""
+        shots = "".join(f"{self.prompt_text(d)} {d['response']}\n\n" for d in demos)
+        return shots + self.prompt_text(row)
+
+    @torch.no_grad()
+    def evaluate_icl(self, loaded: Loaded, size: TaskSize, shots: int, seed: int
+                     ) -> tuple[dict[str, Any], Batch]:
+        """Score ``shots``-shot prompting of the untuned model (demonstrations drawn per seed)."""
+        model = loaded.model.eval()
+        pool = self._train_rows(size)
+        rng = random.Random(seed)
+        demos = rng.sample(pool, shots)
+        rows = self._eval_rows(size)
+        preds: list[str] = []
+        for chunk in _chunks(rows, 16):
+            preds.extend(self._generate(model, loaded,
+                                        [self.icl_prompt(r, demos) for r in chunk]))
+        tok = loaded.tokenizer
+        enc = tok([self.icl_prompt(r, demos) for r in rows[:size.latency_batch]],
+                  return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = {k: v.to(loaded.device) for k, v in enc.items()}
+        return ({"rougeL": self.rouge_l(preds, rows), "shots": float(shots),
+                 "example": f"{rows[0]['prompt']} -> {preds[0]}"}, batch)
+
+
+_TASKS: dict[str, Callable[[], LabTask]] = {
+    "sentiment": SentimentTask,
+    "definitions": DefinitionTask,
+}
+
+
+def register_task(name: str, factory: Callable[[], LabTask]) -> None:
+    """Make a task available to :func:`get_task` (tests register tiny ones)."""
+    _TASKS[name] = factory
+
+
+# the data set's name works too
+TASK_ALIASES = {"rotten-tomatoes": "sentiment", "wordnet-definitions": "definitions",
+                "wordnet-definitions-demo": "definitions"}
+
+
+def get_task(name: str) -> LabTask:
+    """Return a fresh instance of the task called ``name`` (or named by its data set)."""
+    name = TASK_ALIASES.get(name, name)
+    try:
+        return _TASKS[name]()
+    except KeyError:
+        raise ConfigError(f"unknown lab task {name!r}; built-in tasks: {', '.join(_TASKS)}",
+                          field="task") from None
+
+
+def list_tasks() -> list[LabTask]:
+    """Return one instance of every registered task."""
+    return [f() for f in _TASKS.values()]
