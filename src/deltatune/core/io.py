@@ -167,12 +167,21 @@ def collect_stale(final: str | Path) -> list[Path]:
     return removed
 
 
+_SPACE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def _du(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
 @contextmanager
-def atomic_directory(final: str | Path) -> Iterator[Path]:
+def atomic_directory(final: str | Path, *, expected_bytes: int | None = None) -> Iterator[Path]:
     """Yield a temporary directory to fill; on success it replaces ``final`` atomically.
 
     The manifest is written last, after every file is on disk. On an exception the
-    temporary directory is removed and ``final`` is untouched.
+    temporary directory is removed and ``final`` is untouched. A full disk or a
+    read-only file system is reported with the space the save needs
+    (``expected_bytes`` when the caller knows it).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -200,6 +209,17 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
         else:
             os.replace(tmp, final)
             _fsync_path(final.parent)
+    except OSError as exc:
+        written = _du(tmp) if tmp.exists() else 0
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno not in _SPACE_ERRORS:
+            raise
+        need = max(expected_bytes or 0, written)
+        kept = f"the previous {final.name} is intact" if final.exists() else "nothing was saved"
+        what = "read-only" if exc.errno == errno.EROFS else "out of space"
+        raise OSError(exc.errno, f"{exc.strerror}: saving {final} failed ({what}); it needs "
+                      f"about {need:,} bytes ({need / 2**20:.1f} MiB) free in {final.parent}; "
+                      f"{kept}. Free space or choose another directory") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -606,7 +606,8 @@ class DeltaModel(nn.Module):
             "card": card_defaults(self.model, card),
         }
         directory = Path(directory)
-        with io.atomic_directory(directory) as tmp:
+        size = sum(t.numel() * t.element_size() for t in tensors.values()) + 64 * 1024
+        with io.atomic_directory(directory, expected_bytes=size) as tmp:
             io.save_tensors(tmp / WEIGHTS_FILE, tensors,
                             metadata={"format": "pt", "deltatune.method": delta.config.method})
             io.write_json(tmp / CONFIG_FILE, payload)
