@@ -26,6 +26,7 @@ EXAMPLES: dict[str, dict[str, Any]] = {
     "full": dict(),
     "prefix": dict(prefix_length=3, reparam_hidden=8),
     "prompt": dict(prompt_length=3),
+    "ptuning": dict(prompt_length=3, placement="prefix", encoder="mlp", encoder_hidden=8),
 }
 
 

@@ -357,10 +357,22 @@ class DeltaModel(nn.Module):
         owners: dict[int, list[str]] = {}
         for pname, p in self.model.named_parameters(remove_duplicate=False):
             owners.setdefault(id(p), []).append(pname)
-        for location in self._layer_parts(delta).parts:
+        for location, part in self._layer_parts(delta).parts.items():
             module = get_submodule(self.model, location) if location else None
             weight = getattr(getattr(module, "base", None), "weight", None)
             shared = owners.get(id(weight), []) if isinstance(weight, torch.Tensor) else []
+            if len(shared) > 1 and isinstance(module, DeltaLayer) and \
+                    isinstance(part, LayerDelta) and part.mergeable:
+                # A delta that leaves the weight itself alone (BitFit: biases) is fine.
+                from deltatune.core.layers import _canonical
+
+                w32 = _canonical(weight.detach(), module.kind).float()
+                bias = getattr(module.base, "bias", None)
+                with torch.no_grad():
+                    new_w, _ = part.merge_into(w32, bias.detach().float()
+                                               if bias is not None else None)
+                if torch.equal(new_w, w32):
+                    continue
             if len(shared) > 1:
                 raise MergeError(
                     f"cannot merge delta {delta.name!r} into {location}: its weight is shared "
