@@ -87,7 +87,21 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor],
                  metadata: dict[str, str] | None = None) -> None:
     """Write tensors as safetensors (keys sorted, so equal inputs give equal bytes)."""
     ordered = {k: tensors[k].detach().to("cpu").contiguous() for k in sorted(tensors)}
-    write_bytes_durably(path, st_save_bytes(ordered, metadata=metadata))
+    write_bytes_durably(path, _canonical_header(st_save_bytes(ordered, metadata=metadata)))
+
+
+def _canonical_header(raw: bytes) -> bytes:
+    """Return ``raw`` safetensors bytes with the JSON header keys sorted.
+
+    safetensors writes ``__metadata__`` from a hash map, so its key order (and so the
+    file's bytes) can change from one save to the next; sorting makes equal inputs give
+    equal files (reliability row 10). The tensor data and its offsets are unchanged.
+    """
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the format pads the header to 8 bytes with spaces
+    return struct.pack("<Q", len(text)) + text + raw[8 + n:]
 
 
 # -- atomic directories ---------------------------------------------------------------
@@ -153,12 +167,21 @@ def collect_stale(final: str | Path) -> list[Path]:
     return removed
 
 
+_SPACE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def _du(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
 @contextmanager
-def atomic_directory(final: str | Path) -> Iterator[Path]:
+def atomic_directory(final: str | Path, *, expected_bytes: int | None = None) -> Iterator[Path]:
     """Yield a temporary directory to fill; on success it replaces ``final`` atomically.
 
     The manifest is written last, after every file is on disk. On an exception the
-    temporary directory is removed and ``final`` is untouched.
+    temporary directory is removed and ``final`` is untouched. A full disk or a
+    read-only file system is reported with the space the save needs
+    (``expected_bytes`` when the caller knows it).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -186,6 +209,17 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
         else:
             os.replace(tmp, final)
             _fsync_path(final.parent)
+    except OSError as exc:
+        written = _du(tmp) if tmp.exists() else 0
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno not in _SPACE_ERRORS:
+            raise
+        need = max(expected_bytes or 0, written)
+        kept = f"the previous {final.name} is intact" if final.exists() else "nothing was saved"
+        what = "read-only" if exc.errno == errno.EROFS else "out of space"
+        raise OSError(exc.errno, f"{exc.strerror}: saving {final} failed ({what}); it needs "
+                      f"about {need:,} bytes ({need / 2**20:.1f} MiB) free in {final.parent}; "
+                      f"{kept}. Free space or choose another directory") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -230,6 +264,9 @@ def verify_manifest(root: str | Path) -> dict[str, Any]:
                                      f"directory: {rel!r}")
         if not isinstance(entry, dict) or "size" not in entry or "sha256" not in entry:
             raise AdapterFileCorrupt(root / MANIFEST, f"bad manifest entry for {rel!r}")
+        if path.is_symlink() and not _inside(path, root):
+            raise AdapterFileCorrupt(path, "is a symbolic link to a file outside the "
+                                     "directory", "replace the link by the file itself")
         if not path.is_file():
             raise AdapterFileCorrupt(path, "listed in the manifest but missing",
                                      "the save was interrupted; use an earlier copy")
@@ -241,6 +278,15 @@ def verify_manifest(root: str | Path) -> dict[str, Any]:
             raise AdapterFileCorrupt(path, "sha256 differs from the manifest (the bytes were "
                                      "changed after saving)")
     return manifest
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """True when ``path`` (links followed) lies inside directory ``root``."""
+    try:
+        path.resolve().relative_to(root.resolve())
+    except (ValueError, OSError, RuntimeError):  # outside, or a link loop
+        return False
+    return True
 
 
 # -- strict readers -------------------------------------------------------------------------
@@ -339,3 +385,19 @@ def refuse_pickles(directory: str | Path) -> None:
         raise UnsafeFileError(
             f"{directory} holds only pickle-format weights ({', '.join(pickles)}); deltatune "
             f"never unpickles a user's file. Convert them to safetensors with a trusted tool.")
+
+
+def refuse_pickle_files(directory: str | Path) -> None:
+    """Raise :class:`UnsafeFileError` if ``directory`` holds any pickle-format file.
+
+    Used for directories deltatune wrote itself (deltas, checkpoints), which never
+    contain one: a ``.bin``/``.pt`` there was planted or left by another tool, and is
+    refused rather than silently skipped.
+    """
+    directory = Path(directory)
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise UnsafeFileError(
+            f"{directory} holds pickle-format file(s) ({', '.join(pickles)}) that deltatune "
+            f"never writes and never unpickles; they can run code when loaded. Remove them "
+            f"(or convert them to safetensors with a trusted tool) and load again.")

@@ -161,6 +161,15 @@ def _canonical(weight: torch.Tensor, kind: str) -> torch.Tensor:
     return weight.t() if kind == "conv1d" else weight
 
 
+def _quantized(module: nn.Module) -> bool:
+    """True for a layer holding quantized weights (bitsandbytes, torch.ao fake-quant...)."""
+    weight = getattr(module, "weight", None)
+    names = {type(module).__name__, type(weight).__name__}
+    return any(tag in n for n in names for tag in ("4bit", "8bit", "Int8", "Params4", "QAT",
+                                                 "Quant")) \
+        or hasattr(module, "weight_fake_quant") or hasattr(weight, "quant_state")
+
+
 class DeltaLayer(nn.Module):
     """A frozen module plus named deltas, composed in the unified view's order."""
 
@@ -261,6 +270,13 @@ class DeltaLayer(nn.Module):
         if not delta.mergeable:
             raise MergeError(f"{type(delta).__name__} cannot be merged into the base weights")
         weight, bias = self._weight_and_bias()
+        if not weight.is_floating_point() or _quantized(self.base):
+            # Rounding a merged weight back to an integer/quantized format changes the
+            # model's outputs by far more than the delta's effect (reliability row 20).
+            raise MergeError(f"delta {name!r}: the base weight is quantized ({weight.dtype}, "
+                             f"{type(self.base).__name__}); merging would round the delta "
+                             f"away. Keep the delta unmerged, or merge into a float copy of "
+                             f"the base model. Nothing was changed.")
         w32 = _canonical(weight.detach(), self.kind).float()
         b32 = bias.detach().float() if bias is not None else None
         with torch.no_grad():

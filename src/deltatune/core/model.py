@@ -51,7 +51,7 @@ _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,63}$")
 
 def check_delta_name(name: str) -> str:
     """Return ``name`` if it is a safe delta name (letters, digits, '_' and '-')."""
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):  # match() would accept "x\n"
         raise ConfigError(f"delta name {name!r} is not allowed: use 1-64 letters, digits, '_' "
                           f"or '-', starting with a letter, digit or '_'.", field="name")
     return name
@@ -174,6 +174,12 @@ class DeltaModel(nn.Module):
             raise
         for location, part in parts.items():
             part.to(dtype=dtype or _base_dtype(self.model, location, part))
+            # New modules start in training mode; follow the model's mode instead, so a
+            # delta added to a model in eval() does not run dropout (reliability row 9).
+            part.train(self.model.training)
+            holder = get_submodule(self.model, location) if location else None
+            if isinstance(holder, (DeltaLayer, ModuleCopy)):
+                holder.training = self.model.training
         parts.update(copies)
         delta = AttachedDelta(name=name, config=config, method=method, parts=parts,
                               trainable=trainable, info={"copies": sorted(copies)})
@@ -335,11 +341,45 @@ class DeltaModel(nn.Module):
         if delta.merged:
             warnings.warn(f"delta {name!r} is already merged; merge() did nothing", stacklevel=3)
             return
+        self._refuse_tied(delta)
         if name not in self._active:
             self.activate(*self._active, name)
         delta.method.merge(self.model, self._layer_parts(delta), check=check,
                            keep_original=keep_original)
         delta.merged = True
+
+    def _refuse_tied(self, delta: AttachedDelta) -> None:
+        """Refuse to merge into a weight another module shares (tied embeddings and heads).
+
+        Folding a delta into GPT-2's ``wte`` would change ``lm_head`` too: the merged
+        model would silently compute something else than the unmerged one.
+        """
+        owners: dict[int, list[str]] = {}
+        for pname, p in self.model.named_parameters(remove_duplicate=False):
+            owners.setdefault(id(p), []).append(pname)
+        for location, part in self._layer_parts(delta).parts.items():
+            module = get_submodule(self.model, location) if location else None
+            weight = getattr(getattr(module, "base", None), "weight", None)
+            shared = owners.get(id(weight), []) if isinstance(weight, torch.Tensor) else []
+            if len(shared) > 1 and isinstance(module, DeltaLayer) and \
+                    isinstance(part, LayerDelta) and part.mergeable:
+                # A delta that leaves the weight itself alone (BitFit: biases) is fine.
+                from deltatune.core.layers import _canonical
+
+                w32 = _canonical(weight.detach(), module.kind).float()
+                bias = getattr(module.base, "bias", None)
+                with torch.no_grad():
+                    new_w, _ = part.merge_into(w32, bias.detach().float()
+                                               if bias is not None else None)
+                if torch.equal(new_w, w32):
+                    continue
+            if len(shared) > 1:
+                raise MergeError(
+                    f"cannot merge delta {delta.name!r} into {location}: its weight is shared "
+                    f"with {', '.join(n for n in shared if not n.startswith(location + '.'))} "
+                    f"(tied weights), which the merge would change too. Keep the delta "
+                    f"unmerged, or untie the weights first (e.g. clone the output head's "
+                    f"weight). Nothing was changed.")
 
     def unmerge(self, *names: str) -> None:
         """Take merged deltas (default: all merged) back out of the base weights."""
@@ -578,7 +618,8 @@ class DeltaModel(nn.Module):
             "card": card_defaults(self.model, card),
         }
         directory = Path(directory)
-        with io.atomic_directory(directory) as tmp:
+        size = sum(t.numel() * t.element_size() for t in tensors.values()) + 64 * 1024
+        with io.atomic_directory(directory, expected_bytes=size) as tmp:
             io.save_tensors(tmp / WEIGHTS_FILE, tensors,
                             metadata={"format": "pt", "deltatune.method": delta.config.method})
             io.write_json(tmp / CONFIG_FILE, payload)
@@ -700,6 +741,7 @@ def read_delta_directory(directory: str | Path, *, allow_nonfinite: bool = False
         return read_peft_directory(directory, allow_nonfinite=allow_nonfinite,
                                    allow_pickle=allow_pickle)
     io.refuse_pickles(directory)
+    io.refuse_pickle_files(directory)
     io.verify_manifest(directory)
     payload = io.read_json(directory / CONFIG_FILE, what="delta config")
     check_payload(directory / CONFIG_FILE, payload, format_name=FORMAT_NAME,
@@ -707,7 +749,8 @@ def read_delta_directory(directory: str | Path, *, allow_nonfinite: bool = False
     try:
         config = config_from_dict(payload["config"])
     except ConfigError as exc:
-        raise ConfigError(f"{directory / CONFIG_FILE}: {exc}", field=exc.field) from None
+        # Same error class (UnknownMethodError stays one), now naming the file.
+        raise type(exc)(f"{directory / CONFIG_FILE}: {exc}", field=exc.field) from None
     tensors, _meta = io.load_tensors(directory / WEIGHTS_FILE)
     if not allow_nonfinite:
         for key, t in tensors.items():

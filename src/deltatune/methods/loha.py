@@ -97,6 +97,13 @@ class LoHaDelta(LayerDelta):
             raise HyperparameterError(f"LoHa supports Conv2d with groups=1 only; "
                                       f"{module_name} has groups={base.groups}. Exclude it.",
                                       field="target_modules")
+        if r > min(self.d_in, self.d_out):
+            # Each factor product X Y^T has rank <= min(d_in, d_out): a larger r only adds
+            # parameters (reliability row 18: checked against the real layer, not at forward).
+            raise HyperparameterError(
+                f"LoHa rank r={r} is larger than min(d_in, d_out) = min({self.d_in}, "
+                f"{self.d_out}) of module {module_name!r}; use r <= {min(self.d_in, self.d_out)}.",
+                field="r")
         self.r, self.scale, self.mode = r, scale, mode
         self.conv_shape = tuple(base.weight.shape) if self.kind == "conv2d" else None
         self.conv_args = ((base.stride, base.padding, base.dilation)

@@ -35,6 +35,7 @@ The presets (Houlsby, Pfeiffer, parallel adapter) are this config with fixed cho
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
@@ -182,7 +183,17 @@ class AdapterDelta(LayerDelta):
         u_dim = self.d_out if self.sequential else x_dim
         m = config.bottleneck_size
         if config.reduction_factor is not None:
-            m = max(1, round(u_dim / config.reduction_factor))
+            m = round(u_dim / config.reduction_factor)
+            if m < 1:
+                warnings.warn(f"reduction_factor {config.reduction_factor:g} on width {u_dim} "
+                              f"gives a bottleneck below 1; using m = 1", stacklevel=2)
+                m = 1
+        if m > u_dim:
+            # Policy (reliability row 18): allowed, since a wide nonlinear adapter is still
+            # well defined, but never silently: it is no longer a bottleneck.
+            warnings.warn(f"adapter bottleneck m = {m} is wider than the representation it "
+                          f"adapts ({u_dim}); it is no longer a bottleneck and costs "
+                          f"{2 * m * u_dim:,} parameters per adapter", stacklevel=2)
         bias = config.functional_form == "bottleneck"
         self.m = m
         self.activation = config.resolved_activation

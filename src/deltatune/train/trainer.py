@@ -309,6 +309,13 @@ class Trainer:
             if str(resume) == "auto":
                 path, skipped = ckpt.find_resumable(self.output_dir)
                 notes.extend(skipped)
+                if path is None and skipped and not self.config.allow_partial_resume:
+                    # Checkpoints exist but none is complete: starting over silently would
+                    # throw their training away (reliability rows 2 and 3).
+                    raise ckpt.ResumeError(
+                        f"no complete checkpoint to resume in {self.output_dir}: "
+                        f"{'; '.join(skipped)}. Restore one, or pass allow_partial_resume=True "
+                        f"(CLI: --allow-partial-resume) to start from scratch")
                 if path is None:
                     notes.append("no complete checkpoint to resume; starting from scratch")
             else:
