@@ -105,8 +105,8 @@ def register_mapping(mapping: PeftMapping) -> PeftMapping:
 # deltatune method -> the module of this package holding its PEFT mapping. A mapping is
 # imported only when its method is registered (methods land one by one).
 MAPPING_MODULES = {"lora": "peft_lora", "ia3": "peft_ia3", "loha": "peft_loha",
-                   "adalora": "peft_adalora", "prompt_tuning": "peft_prompt",
-                   "prefix_tuning": "peft_prompt", "p_tuning": "peft_prompt"}
+                   "adalora": "peft_adalora", "prompt": "peft_prompt",
+                   "prefix": "peft_prompt", "ptuning": "peft_ptuning"}
 
 
 def _ensure_loaded() -> None:
