@@ -106,7 +106,7 @@ def register_mapping(mapping: PeftMapping) -> PeftMapping:
 # imported only when its method is registered (methods land one by one).
 MAPPING_MODULES = {"lora": "peft_lora", "ia3": "peft_ia3", "loha": "peft_loha",
                    "adalora": "peft_adalora", "prompt": "peft_prompt",
-                   "prefix": "peft_prompt", "ptuning": "peft_ptuning"}
+                   "prefix": "peft_prompt", "ptuning": "peft_prompt"}
 
 
 def _ensure_loaded() -> None:

@@ -4,10 +4,19 @@
 |---|---|---|
 | ``PROMPT_TUNING`` | (P * k, e) | ``prompt``: ``prompt`` (1, P, e) |
 | ``PREFIX_TUNING`` | (P, L * 2 * kv) | ``prefix``: ``prefix`` (P, L * 2 * kv) |
+| ``P_TUNING`` | (P * k, e) | ``ptuning`` (prefix placement): ``prompt`` (P, e) |
 
 Prompt tuning: both prepend P vectors to the input embeddings. PEFT keeps k = 2 blocks
 of P rows for encoder-decoder models (``num_transformer_submodules``) and prepends the
 first block to the encoder input; we read that block and write it twice.
+
+P-tuning: PEFT saves the prompt encoder's output (the bi-LSTM/MLP is a training device),
+as we do, and prepends it; our ``placement="prefix"`` is that layout (templates with
+anchor tokens have no PEFT form and are refused on writing).
+
+PEFT adapters of these types that carry module copies (``modules_to_save``, or the
+classifier PEFT adds for ``SEQ_CLS``) are refused: deltatune's prompt-family deltas do
+not save module copies yet.
 
 Prefix tuning: both hold, per prefix position, [layer 0 keys, layer 0 values, layer 1
 keys, ...] with each block kv_heads x head_dim wide, so the matrix moves unchanged (PEFT
@@ -30,16 +39,15 @@ from deltatune.core.errors import AdapterFileCorrupt, BaseModelMismatchError, Co
 from deltatune.core.model_delta import attention_sites
 from deltatune.core.registry import AttachedDelta
 from deltatune.interop.peft_format import (
-    PEFT_PREFIX,
     Converted,
     PeftMapping,
     common_peft_config,
-    copy_tensors_to_peft,
     register_mapping,
     split_other_tensors,
 )
 from deltatune.methods.prefix import PrefixTuningConfig
 from deltatune.methods.prompt import PromptTuningConfig
+from deltatune.methods.ptuning import PTuningConfig
 
 KEY = "prompt_embeddings"
 PROMPT_PREFIX = "base_model."
@@ -57,6 +65,11 @@ def _take(tensors: dict[str, torch.Tensor], what: str) -> tuple[torch.Tensor,
     # PEFT's prompt-learning model holds the HF model as `base_model` (one level less than
     # the tuner methods), so module copies are saved as `base_model.<module>...`.
     rest = {k.removeprefix(PROMPT_PREFIX): v for k, v in tensors.items() if k != KEY}
+    if rest:
+        raise ConfigError(f"the {what} adapter also saves {len(rest)} other tensor(s) (e.g. "
+                          f"{next(iter(rest))!r}: modules_to_save, or the classifier PEFT adds "
+                          f"for SEQ_CLS); deltatune's prompt-family deltas do not save module "
+                          f"copies yet. Load it with peft.", field="modules_to_save")
     return tensors[KEY], rest
 
 
@@ -94,10 +107,10 @@ def prompt_to_peft(model: nn.Module, delta: AttachedDelta, tensors: dict[str, to
     if prompt.shape[0] != 1:
         raise ConfigError(f"a prompt ensemble (num_prompts={prompt.shape[0]}) has no PEFT form; "
                           f"save it with format='deltatune'.", field="num_prompts")
+    _no_copies(delta)
     blocks = 2 if _is_encoder_decoder(model) else 1
-    copies = list(delta.info.get("copies", []))
-    out = {KEY: prompt[0].repeat(blocks, 1).contiguous(),
-           **_prompt_copies(tensors, copies)}
+    copies: list[str] = []
+    out = {KEY: prompt[0].repeat(blocks, 1).contiguous()}
     return {
         **_prompt_config(model, "PROMPT_TUNING", copies),
         "num_virtual_tokens": int(prompt.shape[1]),
@@ -106,12 +119,6 @@ def prompt_to_peft(model: nn.Module, delta: AttachedDelta, tensors: dict[str, to
         "token_dim": None, "num_layers": None, "num_attention_heads": None,
         "num_transformer_submodules": None,
     }, out
-
-
-def _prompt_copies(tensors: dict[str, torch.Tensor], copies: list[str]
-                   ) -> dict[str, torch.Tensor]:
-    return {PROMPT_PREFIX + k.removeprefix(PEFT_PREFIX): v
-            for k, v in copy_tensors_to_peft(tensors, copies).items()}
 
 
 def _prompt_config(model: nn.Module, peft_type: str, copies: list[str]) -> dict[str, Any]:
@@ -163,7 +170,8 @@ def prefix_to_peft(model: nn.Module, delta: AttachedDelta, tensors: dict[str, to
     if config.mode != "prefix" or config.cross_attention or _is_encoder_decoder(model):
         raise ConfigError("only decoder-only prefix tuning in 'prefix' mode has a PEFT form; "
                           "save it with format='deltatune'.", field="mode")
-    copies = list(delta.info.get("copies", []))
+    _no_copies(delta)
+    copies: list[str] = []
     prefix = tensors["prefix"]
     return {
         **_prompt_config(model, "PREFIX_TUNING", copies),
@@ -172,9 +180,62 @@ def prefix_to_peft(model: nn.Module, delta: AttachedDelta, tensors: dict[str, to
         "encoder_hidden_size": None,
         "token_dim": None, "num_layers": None, "num_attention_heads": None,
         "num_transformer_submodules": None,
-    }, {KEY: prefix, **_prompt_copies(tensors, copies)}
+    }, {KEY: prefix}
 
 
+def _no_copies(delta: AttachedDelta) -> None:
+    if delta.info.get("copies"):
+        raise ConfigError(f"delta {delta.name!r} has module copies (modules_to_save), which "
+                          f"prompt-family deltas do not save; save it with "
+                          f"format='deltatune'.", field="modules_to_save")
+
+
+def ptuning_from_peft(peft_config: dict[str, Any], tensors: dict[str, torch.Tensor]
+                      ) -> Converted:
+    """Turn a PEFT P-tuning adapter into a deltatune ``ptuning`` delta (prefix placement)."""
+    converted = prompt_from_peft(peft_config, tensors)
+    length = converted.config.prompt_length
+    converted.config = PTuningConfig(prompt_length=length, encoder="none", placement="prefix")
+    converted.tensors = {"prompt": converted.tensors["prompt"][0]}
+    return converted
+
+
+def ptuning_fit_to_model(model: nn.Module, converted: Converted) -> None:
+    """Check the prompt width against the model's embedding width."""
+    width = model.get_input_embeddings().embedding_dim
+    found = converted.tensors["prompt"].shape[-1]
+    if found != width:
+        raise BaseModelMismatchError(f"the P-tuning prompt is {found} wide but this model's "
+                                     f"embeddings are {width} wide (another hidden size?); "
+                                     f"load it onto the base model it was trained on.")
+
+
+def ptuning_to_peft(model: nn.Module, delta: AttachedDelta, tensors: dict[str, torch.Tensor]
+                    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Return (adapter_config.json dict, tensors) for an attached P-tuning delta."""
+    config = delta.config
+    assert isinstance(config, PTuningConfig)
+    if config.placement != "prefix":
+        raise ConfigError("a P-tuning template (prompts among anchor tokens) has no PEFT form: "
+                          "PEFT prepends the prompts. Use placement='prefix' or save it with "
+                          "format='deltatune'.", field="placement")
+    _no_copies(delta)
+    prompt = tensors["prompt"]
+    blocks = 2 if _is_encoder_decoder(model) else 1
+    return {
+        **_prompt_config(model, "P_TUNING", []),
+        "num_virtual_tokens": int(prompt.shape[0]),
+        "encoder_reparameterization_type": "MLP",
+        "encoder_hidden_size": int(prompt.shape[1]),
+        "encoder_num_layers": 2,
+        "encoder_dropout": 0.0,
+        "token_dim": None, "num_layers": None, "num_attention_heads": None,
+        "num_transformer_submodules": None,
+    }, {KEY: prompt.repeat(blocks, 1).contiguous()}
+
+
+PTUNING = register_mapping(PeftMapping("P_TUNING", "ptuning", ptuning_from_peft,
+                                       ptuning_to_peft, ptuning_fit_to_model))
 PROMPT = register_mapping(PeftMapping("PROMPT_TUNING", "prompt", prompt_from_peft,
                                       prompt_to_peft, prompt_fit_to_model))
 PREFIX = register_mapping(PeftMapping("PREFIX_TUNING", "prefix", prefix_from_peft,
