@@ -331,6 +331,9 @@ def read_peft_directory(directory: str | Path, *, allow_nonfinite: bool = False,
             raise
         raise type(exc)(f"{source}: {exc}", field=exc.field) from None
     fingerprint = _json_meta(metadata, META_FINGERPRINT, directory) or {}
+    if not fingerprint and (peft_config.get("auto_mapping") or {}).get("base_model_class"):
+        # For display only (deltatune info, cards): a class name is never compared.
+        fingerprint = {"class": peft_config["auto_mapping"]["base_model_class"]}
     card = _json_meta(metadata, META_CARD, directory) or {}
     if peft_config.get("base_model_name_or_path"):
         card.setdefault("base_model_name", peft_config["base_model_name_or_path"])
