@@ -105,8 +105,8 @@ def register_mapping(mapping: PeftMapping) -> PeftMapping:
 # deltatune method -> the module of this package holding its PEFT mapping. A mapping is
 # imported only when its method is registered (methods land one by one).
 MAPPING_MODULES = {"lora": "peft_lora", "ia3": "peft_ia3", "loha": "peft_loha",
-                   "adalora": "peft_adalora", "prompt_tuning": "peft_prompt",
-                   "prefix_tuning": "peft_prompt", "p_tuning": "peft_prompt"}
+                   "adalora": "peft_adalora", "prompt": "peft_prompt",
+                   "prefix": "peft_prompt", "ptuning": "peft_prompt"}
 
 
 def _ensure_loaded() -> None:
@@ -331,6 +331,9 @@ def read_peft_directory(directory: str | Path, *, allow_nonfinite: bool = False,
             raise
         raise type(exc)(f"{source}: {exc}", field=exc.field) from None
     fingerprint = _json_meta(metadata, META_FINGERPRINT, directory) or {}
+    if not fingerprint and (peft_config.get("auto_mapping") or {}).get("base_model_class"):
+        # For display only (deltatune info, cards): a class name is never compared.
+        fingerprint = {"class": peft_config["auto_mapping"]["base_model_class"]}
     card = _json_meta(metadata, META_CARD, directory) or {}
     if peft_config.get("base_model_name_or_path"):
         card.setdefault("base_model_name", peft_config["base_model_name_or_path"])
