@@ -1,0 +1,6 @@
+"""Federated delta tuning: data partitions, payloads, server-side validation and FedAvg.
+
+``partition``: IID and Dirichlet label-skew splits. ``payload``: which tensors travel per
+method and their safetensors bytes. ``aggregate``: validation and example-weighted FedAvg.
+``flower``: the Flower client and strategy built on them. ``run``: the simulation loop.
+"""
