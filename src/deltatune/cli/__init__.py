@@ -27,6 +27,7 @@ COMMANDS = [
     "sweep",
     "data",
     "models",
+    "federate",
 ]
 
 
