@@ -84,6 +84,26 @@ def synthetic_task() -> Any:
     return RandomTokens()
 
 
+def match_delta_keys(state: dict[str, torch.Tensor], names: list[str]
+                     ) -> dict[str, torch.Tensor]:
+    """Pick the delta tensors ``names`` out of a gathered full (FSDP) state dict.
+
+    The gathered keys carry wrapper segments and the delta's slot (``deltas.<name>.``),
+    which the delta's own keys do not; a key matches when its cleaned form ends with it.
+    """
+    import re
+
+    cleaned = {re.sub(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.", "",
+                      re.sub(r"deltas\.[^.]+\.", "", k)): v for k, v in state.items()}
+    out = {}
+    for name in names:
+        hits = [k for k in cleaned if k == name or k.endswith("." + name)]
+        if len(hits) != 1:
+            raise KeyError(f"{name}: {len(hits)} matching keys in the gathered state dict")
+        out[name] = cleaned[hits[0]]
+    return out
+
+
 def build_model(shape: str, dtype: torch.dtype) -> Any:
     """A randomly initialised Llama of ``shape`` with LoRA r=16 on all linear layers."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -93,7 +113,9 @@ def build_model(shape: str, dtype: torch.dtype) -> Any:
     torch.manual_seed(0)
     config = LlamaConfig(**SHAPES[shape], max_position_embeddings=8192,
                          attn_implementation="sdpa")
-    model = LlamaForCausalLM(config).to(dtype)
+    # built directly on the GPU: a CPU init of an 8B model takes minutes
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(config).to(dtype)
     return dt.attach(model, dt.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
 
 
@@ -147,8 +169,9 @@ def run(args: argparse.Namespace) -> None:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         tag = f"{args.strategy}-{world}gpu"
-        delta = dm.delta_state_dict() if state is None else {
-            k: v for k, v in state.items() if "lora_" in k}
+        delta = dm.delta_state_dict()
+        if state is not None:
+            delta = match_delta_keys(state, list(delta))
         io.save_tensors(out / f"{tag}.delta.safetensors",
                         {k: v.detach().float().cpu().contiguous() for k, v in delta.items()})
         tokens = args.global_batch * args.seq

@@ -27,7 +27,14 @@ EXAMPLES: dict[str, dict[str, Any]] = {
     "prefix": dict(prefix_length=3, reparam_hidden=8),
     "prompt": dict(prompt_length=3),
     "ptuning": dict(prompt_length=3, placement="prefix", encoder="mlp", encoder_hidden=8),
+    "mam": dict(prefix_length=3, reparam_hidden=8, bottleneck_size=4),
+    "ptuning_v2": dict(prompt_length=3),
+    "mpt": dict(prompt_length=3, init="random"),
+    "ipt": dict(prompt_length=3),
 }
+# Methods that cannot stand alone on a model: ``combination`` builds a LoRA out of deltas
+# already attached (tests/methods/test_combine.py covers it, incl. merge and save/load).
+DERIVED = {"combination"}
 
 
 def example_config(method: str) -> DeltaConfig:
@@ -36,10 +43,10 @@ def example_config(method: str) -> DeltaConfig:
 
 
 def methods() -> list[str]:
-    """Every registered method."""
-    return known_methods()
+    """Every registered method that attaches on its own (see ``DERIVED``)."""
+    return [m for m in known_methods() if m not in DERIVED]
 
 
 def mergeable_methods() -> list[str]:
     """Registered methods whose delta folds into the base weights."""
-    return [m for m in known_methods() if get_method(m).mergeable]
+    return [m for m in methods() if get_method(m).mergeable]

@@ -452,7 +452,9 @@ class Trainer:
             f". ({type(exc).__name__}: {str(exc)[:200]})")
 
     def _trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
-        params = dict(unwrap(self.model).named_parameters())
+        # FSDP (use_orig_params) and activation checkpointing insert wrapper modules whose
+        # names appear in the parameter paths; the recorded names are the unwrapped ones
+        params = {_unwrapped_name(n): p for n, p in unwrap(self.model).named_parameters()}
         return [(n, params[n]) for n in self.param_names]
 
     def _first_nonfinite(self, grads: bool) -> str | None:
@@ -789,6 +791,17 @@ def _fix_optimizer_state(state: dict[str, Any]) -> dict[str, Any]:
         if isinstance(group.get("betas"), list):
             group["betas"] = tuple(group["betas"])
     return state
+
+
+WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.",
+                    "_orig_mod.")
+
+
+def _unwrapped_name(name: str) -> str:
+    """``name`` without the path segments that FSDP, checkpoint wrappers and compile add."""
+    for segment in WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    return name
 
 
 def train(model: torch.nn.Module, task: Task, train_data: Sequence[Any],
