@@ -29,14 +29,14 @@ class DemoSettings:
     """What the demo trains and how much it measures; defaults fit 2 CPU cores, < 10 min."""
 
     output_dir: str = "runs/demo"
-    steps: int = 120
+    steps: int = 60
     batch_size: int = 8
     lr: float = 2e-3
     rank: int = 8
     alpha: int = 16
     targets: tuple[str, ...] = ("q_proj", "v_proj")
-    rouge_words: int = 60
-    perplexity_rows: int = 200
+    rouge_words: int = 40
+    perplexity_rows: int = 100
     shown: int = 5
     max_new_tokens: int = 24
     seed: int = 0
