@@ -170,7 +170,26 @@ def _quantized(module: nn.Module) -> bool:
         or hasattr(module, "weight_fake_quant") or hasattr(weight, "quant_state")
 
 
-class DeltaLayer(nn.Module):
+class WrapperModule(nn.Module):
+    """A module around another one that answers unknown attributes from the wrapped one.
+
+    Model code reads attributes of the module it called (``self.wo.weight.dtype``,
+    ``in_features``, a block's config); a wrapper that replaces that module must answer
+    them. Subclasses name the submodule that holds the wrapped module in ``WRAPPED``.
+    """
+
+    WRAPPED: ClassVar[str] = "base"
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in (self.WRAPPED, "_modules", "_parameters", "_buffers"):
+                raise
+            return getattr(self._modules[self.WRAPPED], name)
+
+
+class DeltaLayer(WrapperModule):
     """A frozen module plus named deltas, composed in the unified view's order."""
 
     def __init__(self, base: nn.Module) -> None:
@@ -184,15 +203,6 @@ class DeltaLayer(nn.Module):
         # Originals of merged tensors, kept to unmerge bit for bit (see merge()).
         self._originals: list[tuple[torch.Tensor, torch.Tensor | None]] = []
 
-    def __getattr__(self, name: str) -> Any:
-        # Model code reads attributes of the layer it called (`self.wo.weight.dtype`,
-        # `in_features`): answer them from the wrapped base layer.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("base", "_modules", "_parameters", "_buffers"):
-                raise
-            return getattr(self._modules["base"], name)
 
     # -- forward -------------------------------------------------------------------
     def _live(self) -> list[LayerDelta]:
@@ -404,8 +414,10 @@ class DeltaLayer(nn.Module):
         del self.deltas[name]
 
 
-class ModuleCopy(nn.Module):
+class ModuleCopy(WrapperModule):
     """A frozen module and one trainable copy of it per delta (``modules_to_save``)."""
+
+    WRAPPED = "original"
 
     def __init__(self, original: nn.Module) -> None:
         super().__init__()
@@ -414,13 +426,6 @@ class ModuleCopy(nn.Module):
         self.active: list[str] = []
         self.disabled = False
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("original", "_modules", "_parameters", "_buffers"):
-                raise
-            return getattr(self._modules["original"], name)
 
     def add(self, name: str) -> nn.Module:
         """Create the trainable copy for delta ``name`` and return it."""

@@ -36,7 +36,7 @@ from deltatune.core.errors import (
     TargetError,
 )
 from deltatune.core.fingerprint import base_fingerprint, check_fingerprint
-from deltatune.core.layers import DeltaLayer, LayerDelta, ModuleCopy, row_deltas
+from deltatune.core.layers import DeltaLayer, LayerDelta, ModuleCopy, WrapperModule, row_deltas
 from deltatune.core.payload import check_payload
 from deltatune.core.registry import AttachedDelta, config_from_dict, get_method
 from deltatune.core.targets import get_submodule, iter_candidate_modules, set_submodule
@@ -96,8 +96,10 @@ class DeltaParameters:
     trainable: bool
 
 
-class DeltaModel(nn.Module):
+class DeltaModel(WrapperModule):
     """A base model plus named deltas. Forward, ``generate`` and attributes pass through."""
+
+    WRAPPED = "model"
 
     def __init__(self, model: nn.Module, *, freeze_base: bool = True) -> None:
         super().__init__()
@@ -112,13 +114,6 @@ class DeltaModel(nn.Module):
                 p.requires_grad_(False)
 
     # -- attribute pass-through ------------------------------------------------------
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("model", "_modules", "_parameters", "_buffers"):
-                raise
-            return getattr(self._modules["model"], name)
 
     # -- inspection ------------------------------------------------------------------
     @property

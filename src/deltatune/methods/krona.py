@@ -43,7 +43,7 @@ from deltatune.core.blocks import layout_for, present
 from deltatune.core.config import DeltaConfig, TargetedConfig, param
 from deltatune.core.errors import HyperparameterError, TargetError
 from deltatune.core.layer_method import LayerMethod
-from deltatune.core.layers import LayerDelta, current_row_deltas, layer_dims
+from deltatune.core.layers import LayerDelta, WrapperModule, current_row_deltas, layer_dims
 from deltatune.core.registry import AttachedDelta, DeltaMethod
 from deltatune.core.targets import get_submodule, select_targets, set_submodule
 
@@ -186,8 +186,10 @@ class KronABDelta(nn.Module):
         return kron_apply(x, self.krona_A, self.krona_B) * self.scale + self.krona_residual * x
 
 
-class ParallelBlock(nn.Module):
+class ParallelBlock(WrapperModule):
     """A frozen block (an FFN) with named KronA^B_res modules beside it."""
+
+    WRAPPED = "block"
 
     def __init__(self, block: nn.Module) -> None:
         super().__init__()
@@ -196,13 +198,6 @@ class ParallelBlock(nn.Module):
         self.active: list[str] = []
         self.disabled = False
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("block", "_modules", "_parameters", "_buffers"):
-                raise
-            return getattr(self._modules["block"], name)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         y = self.block(x, *args, **kwargs)
