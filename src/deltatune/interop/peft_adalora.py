@@ -35,6 +35,7 @@ from deltatune.interop.peft_format import (
     PeftMapping,
     common_peft_config,
     copy_tensors_to_peft,
+    group_by_module,
     peft_targets,
     refuse_options,
     register_mapping,
@@ -71,17 +72,7 @@ def adalora_from_peft(peft_config: dict[str, Any], tensors: dict[str, torch.Tens
     refuse_options(peft_config, REFUSED, "adapter_config.json")
     init_r = int(peft_config.get("init_r", 12))
     masks = _rank_masks(peft_config)
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    rest: dict[str, torch.Tensor] = {}
-    for key, tensor in tensors.items():
-        loc, _, leaf = key.rpartition(".")
-        if leaf in KEYS:
-            groups.setdefault(loc, {})[leaf] = tensor
-        else:
-            rest[key] = tensor
-    if not groups:
-        raise AdapterFileCorrupt("adapter_model.safetensors", "an AdaLoRA adapter without any "
-                                 "lora_A/lora_B/lora_E tensor")
+    groups, rest = group_by_module(tensors, KEYS, "an AdaLoRA")
     ours: dict[str, torch.Tensor] = {}
     dims: dict[str, tuple[int | None, int | None]] = {}
     for loc, group in sorted(groups.items()):

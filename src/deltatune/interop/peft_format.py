@@ -215,6 +215,25 @@ def split_other_tensors(rest: dict[str, torch.Tensor], peft_config: dict[str, An
     return {k: rest[k] for k in owners}, sorted(set(owners.values())), base_copies
 
 
+def group_by_module(tensors: dict[str, torch.Tensor], leaves: Any, what: str
+                    ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """Split PEFT tensors into ``{module: {leaf: tensor}}`` for the method's own leaf names
+    and the rest (module copies). Returns both; raises :class:`AdapterFileCorrupt` naming
+    ``what`` when no tensor of the method is there at all."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    rest: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        loc, _, leaf = key.rpartition(".")
+        if leaf in leaves:
+            groups.setdefault(loc, {})[leaf] = tensor
+        else:
+            rest[key] = tensor
+    if not groups:
+        raise AdapterFileCorrupt(PEFT_WEIGHTS_FILE, f"{what} adapter without any "
+                                 f"{'/'.join(sorted(leaves))} tensor")
+    return groups, rest
+
+
 def copy_tensors_to_peft(tensors: dict[str, torch.Tensor], copies: list[str]
                          ) -> dict[str, torch.Tensor]:
     """Return the module-copy tensors among ``tensors`` under PEFT's keys."""

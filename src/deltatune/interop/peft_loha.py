@@ -32,6 +32,7 @@ from deltatune.interop.peft_format import (
     PeftMapping,
     common_peft_config,
     copy_tensors_to_peft,
+    group_by_module,
     peft_pattern_value,
     peft_targets,
     refuse_options,
@@ -52,20 +53,11 @@ REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
 def loha_from_peft(peft_config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Converted:
     """Turn a PEFT LoHa config and its (prefix-free) tensors into a deltatune LoHa delta."""
     refuse_options(peft_config, REFUSED, "adapter_config.json")
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    rest: dict[str, torch.Tensor] = {}
-    for key, tensor in tensors.items():
-        loc, _, leaf = key.rpartition(".")
-        if leaf in ("hada_t1", "hada_t2"):
+    for key in tensors:
+        if key.rpartition(".")[2] in ("hada_t1", "hada_t2"):
             raise ConfigError("the adapter holds effective-Conv2d LoHa factors (hada_t1/t2), "
                               "which deltatune does not implement", field="use_effective_conv2d")
-        if leaf in KEYS:
-            groups.setdefault(loc, {})[leaf] = tensor
-        else:
-            rest[key] = tensor
-    if not groups:
-        raise AdapterFileCorrupt("adapter_model.safetensors", "a LoHa adapter without any "
-                                 "hada_w* tensor")
+    groups, rest = group_by_module(tensors, KEYS, "a LoHa")
     r = int(peft_config.get("r", 8))
     alpha = peft_config.get("alpha", 8)
     ours: dict[str, torch.Tensor] = {}

@@ -88,14 +88,17 @@ def prompt_from_peft(peft_config: dict[str, Any], tensors: dict[str, torch.Tenso
     return Converted(config, ours, {}, copies, base_copies)
 
 
-def prompt_fit_to_model(model: nn.Module, converted: Converted) -> None:
-    """Check the prompt width against the model's embedding width."""
+def _check_embedding_width(model: nn.Module, prompt: torch.Tensor, what: str) -> None:
     width = model.get_input_embeddings().embedding_dim
-    found = converted.tensors["prompt"].shape[-1]
-    if found != width:
-        raise BaseModelMismatchError(f"the soft prompt is {found} wide but this model's "
+    if prompt.shape[-1] != width:
+        raise BaseModelMismatchError(f"the {what} is {prompt.shape[-1]} wide but this model's "
                                      f"embeddings are {width} wide (another hidden size?); "
                                      f"load it onto the base model it was trained on.")
+
+
+def prompt_fit_to_model(model: nn.Module, converted: Converted) -> None:
+    """Check the prompt width against the model's embedding width."""
+    _check_embedding_width(model, converted.tensors["prompt"], "soft prompt")
 
 
 def prompt_to_peft(model: nn.Module, delta: AttachedDelta, tensors: dict[str, torch.Tensor]
@@ -115,10 +118,13 @@ def prompt_to_peft(model: nn.Module, delta: AttachedDelta, tensors: dict[str, to
         **_prompt_config(model, "PROMPT_TUNING", copies),
         "num_virtual_tokens": int(prompt.shape[1]),
         "prompt_tuning_init": "RANDOM",
-        # token_dim, num_layers, heads and submodules are filled by PEFT from the model.
-        "token_dim": None, "num_layers": None, "num_attention_heads": None,
-        "num_transformer_submodules": None,
+        **_FILLED_BY_PEFT,
     }, out
+
+
+# PEFT fills these from the model when it loads the adapter.
+_FILLED_BY_PEFT = {"token_dim": None, "num_layers": None, "num_attention_heads": None,
+                   "num_transformer_submodules": None}
 
 
 def _prompt_config(model: nn.Module, peft_type: str, copies: list[str]) -> dict[str, Any]:
@@ -178,8 +184,7 @@ def prefix_to_peft(model: nn.Module, delta: AttachedDelta, tensors: dict[str, to
         "num_virtual_tokens": int(prefix.shape[0]),
         "prefix_projection": False,
         "encoder_hidden_size": None,
-        "token_dim": None, "num_layers": None, "num_attention_heads": None,
-        "num_transformer_submodules": None,
+        **_FILLED_BY_PEFT,
     }, {KEY: prefix}
 
 
@@ -202,12 +207,7 @@ def ptuning_from_peft(peft_config: dict[str, Any], tensors: dict[str, torch.Tens
 
 def ptuning_fit_to_model(model: nn.Module, converted: Converted) -> None:
     """Check the prompt width against the model's embedding width."""
-    width = model.get_input_embeddings().embedding_dim
-    found = converted.tensors["prompt"].shape[-1]
-    if found != width:
-        raise BaseModelMismatchError(f"the P-tuning prompt is {found} wide but this model's "
-                                     f"embeddings are {width} wide (another hidden size?); "
-                                     f"load it onto the base model it was trained on.")
+    _check_embedding_width(model, converted.tensors["prompt"], "P-tuning prompt")
 
 
 def ptuning_to_peft(model: nn.Module, delta: AttachedDelta, tensors: dict[str, torch.Tensor]
@@ -229,8 +229,7 @@ def ptuning_to_peft(model: nn.Module, delta: AttachedDelta, tensors: dict[str, t
         "encoder_hidden_size": int(prompt.shape[1]),
         "encoder_num_layers": 2,
         "encoder_dropout": 0.0,
-        "token_dim": None, "num_layers": None, "num_attention_heads": None,
-        "num_transformer_submodules": None,
+        **_FILLED_BY_PEFT,
     }, {KEY: prompt.repeat(blocks, 1).contiguous()}
 
 
