@@ -168,3 +168,57 @@ def test_logged_learning_rates_follow_the_schedule(tmp_path, schedule):
     result = Trainer(lora_model(), sft(), ROWS, None, c).fit()
     assert [h["lr"] for h in result.history] == pytest.approx(
         [1e-2 * lr_factor(s, 8, c) for s in range(8)])
+
+
+class Snapshots(TrainerCallback):
+    """The delta tensors after every optimizer step."""
+
+    def __init__(self):
+        self.by_step = {}
+
+    def on_step_end(self, trainer, record):
+        model = trainer.raw_model
+        self.by_step[record["step"]] = {k: v.clone() for k, v in
+                                        model.delta_state_dict().items()}
+
+
+def test_best_dir_holds_the_delta_of_the_best_evaluation(tmp_path):
+    """best/ is the delta as it was at the best evaluation; adapter/ the one at the end."""
+    class Scripted(CausalLMSFT):
+        values = iter([3.0, 1.5, 2.5, 2.0])
+
+        def evaluate(self, model, examples, **kw):
+            return {"loss": next(self.values)}
+
+    snaps = Snapshots()
+    dm = lora_model()
+    result = Trainer(dm, Scripted(char_tokenizer(), chat_template=False), ROWS, ROWS[:2],
+                     cfg(tmp_path, epochs=2, batch_size=2, eval_every=2),
+                     callbacks=[snaps]).fit()
+    assert result.best["step"] == 4 and result.stop_reason == "completed"
+    best = dt.load(tiny_llama(), tmp_path / "best").delta_state_dict()
+    final = dt.load(tiny_llama(), tmp_path / "adapter").delta_state_dict()
+    for k in best:
+        assert torch.equal(best[k], snaps.by_step[4][k]), k
+        assert torch.equal(final[k], snaps.by_step[8][k]), k
+    assert any(not torch.equal(best[k], final[k]) for k in best)
+
+
+def test_gradient_clipping_caps_the_global_norm_the_optimizer_sees(tmp_path):
+    dm = lora_model()
+    trainer = Trainer(dm, sft(), ROWS, None, cfg(tmp_path, batch_size=2, max_grad_norm=0.01))
+    seen = []
+    step = trainer.optimizer.step
+
+    def recording_step(*a, **kw):
+        grads = [p.grad for g in trainer.optimizer.param_groups for p in g["params"]
+                 if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(g) for g in grads]))))
+        return step(*a, **kw)
+
+    trainer.optimizer.step = recording_step
+    result = trainer.fit()
+    raw = [h["grad_norm"] for h in result.history]  # logged: the norm before clipping
+    assert len(seen) == len(raw) == 4 and all(r > 0.01 for r in raw)
+    assert seen == pytest.approx([min(r, 0.01) for r in raw], rel=1e-4)

@@ -164,3 +164,17 @@ def test_out_of_memory_is_a_clear_error_with_a_fix(tmp_path, monkeypatch):
                        r"micro-batch 1 .*Try batch_size=2 with grad_accum=2 \(same effective "
                        r"batch\), or gradient_checkpointing=True"):
         Trainer(dm, task, ROWS, None, cfg).fit()
+
+
+def test_loraplus_first_update_of_b_is_ratio_times_larger(tmp_path):
+    """AdamW's first step moves each weight by lr * g / (|g| + eps) (no decay here): about
+    lr where the gradient is not tiny. B starts at zero, so its step is ratio * lr."""
+    dm, task, cfg = make(tmp_path, loraplus_ratio=16.0, lr=1e-3, max_steps=1, epochs=1,
+                         save_every=None, max_grad_norm=None)
+    before = {k: v.clone() for k, v in dm.delta_state_dict().items()}
+    Trainer(dm, task, ROWS, None, cfg).fit()
+    after = dm.delta_state_dict()
+    moved_b = max(float((after[k] - before[k]).abs().max()) for k in after if "lora_B" in k)
+    moved_a = max(float((after[k] - before[k]).abs().max()) for k in after if "lora_A" in k)
+    assert moved_b == pytest.approx(16 * 1e-3, rel=1e-3)
+    assert moved_a == 0.0  # with B = 0, A gets no gradient on the first step

@@ -1,18 +1,27 @@
-"""``deltatune train``: fine-tune a delta on JSONL/CSV/Parquet data (causal-LM SFT by default).
+"""``deltatune train``: fine-tune a delta on JSONL/CSV/Parquet data, for any task.
 
     deltatune train --model smollm2-135m-instruct --data train.jsonl --out runs/x \\
         --method lora --r 8 --lora-alpha 16 --target-modules q_proj,v_proj --epochs 1
     deltatune train --model smollm2-135m-instruct --data wordnet-definitions-demo \\
         --set r=8 --set target_modules=all-linear --out runs/defs
+    deltatune train --task sequence-classification --model minilm-l6 \\
+        --data rotten-tomatoes --out runs/sent --target-modules query,value
     deltatune train --config runs/x/run.yaml --resume          # continue where it stopped
 
+Tasks (``--task``; columns each row needs, renamed from yours with ``--column YOURS=NAME``):
+causal-lm-sft (default; prompt + response, or messages), causal-lm (text: raw-text
+language modelling), sequence-classification (text [+ text_pair], label; a new head, or
+label words through a causal LM with --verbalizer), token-classification (tokens, tags:
+BIO), seq2seq (source, target), multiple-choice (prompt, choices, label: rank
+classification). A new head is trained in full with the delta (modules_to_save).
+
 Every field of the chosen method's config is a flag (``--lora-alpha``); every field of
-:class:`deltatune.train.TrainConfig` too (``--batch-size``, ``--eval-every``). Values
-are read as YAML scalars (``--layers "[0, 1]"``); a comma list fills a list field
-(``--target-modules q_proj,v_proj``); ``--set KEY=VALUE`` does the same for any method
-option. ``--data`` may name a built-in data set (its validation split then evaluates).
-``--config FILE`` reads a run file first; flags
-given on the command line win. The run actually made is written to ``OUT/run.yaml``.
+:class:`deltatune.train.TrainConfig` too (``--batch-size``, ``--eval-every``,
+``--packing``). Values are read as YAML scalars (``--layers "[0, 1]"``); a comma list
+fills a list field (``--target-modules q_proj,v_proj``); ``--set KEY=VALUE`` does the
+same for any method option. ``--data`` may name a built-in data set (its validation
+split then evaluates). ``--config FILE`` reads a run file first; flags given on the
+command line win. The run actually made is written to ``OUT/run.yaml``.
 """
 
 from __future__ import annotations
@@ -28,7 +37,12 @@ OWN_FLAGS = {"model", "data", "eval_data", "out", "config", "method", "set_optio
              "task", "resume",
              "val_fraction", "column", "mix_general", "mix_ratio", "general_column",
              "max_length", "chat_template", "system_prompt", "max_new_tokens",
-             "generate_examples", "max_truncated", "no_progress", "handler", "command"}
+             "generate_examples", "max_truncated", "labels", "verbalizer", "template", "loss",
+             "max_target_length", "no_progress", "handler", "command"}
+# flags that set an option of the task (the same name in the run file's task_options)
+TASK_FLAGS = ("max_length", "chat_template", "system_prompt", "max_new_tokens",
+              "generate_examples", "max_truncated", "labels", "template", "loss",
+              "max_target_length")
 TRAIN_SKIP = {"output_dir", "progress", "handle_signals", "lr_ratios"}
 
 
@@ -57,7 +71,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from deltatune.train.config import TrainConfig
 
     p = subparsers.add_parser(
-        "train", help="fine-tune a delta (causal-LM SFT on prompt/response or chat JSONL)",
+        "train", help="fine-tune a delta on a task (causal-LM SFT by default; --task for "
+                      "classification, tagging, seq2seq, multiple choice, raw-text LM)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("run")
     g.add_argument("--config", metavar="RUN.yaml", help="a run file (flags override it)")
@@ -67,7 +82,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--set", action="append", metavar="KEY=VALUE", dest="set_options",
                    help="a method option, e.g. --set r=8 (repeatable; same as --r 8)")
     g.add_argument("--name", help="name of the delta (default 'default')")
-    g.add_argument("--task", help="causal-lm-sft (default) or causal-lm (raw text)")
+    g.add_argument("--task", help="causal-lm-sft (default), causal-lm, sequence-classification, "
+                   "token-classification, seq2seq or multiple-choice")
     g.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
                    help="continue from the newest complete checkpoint in --out (or the one "
                         "given)")
@@ -80,7 +96,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--val-fraction", type=float, help="fraction held out for validation when "
                    "no --eval-data is given (default 0.1; 0 = no evaluation)")
     d.add_argument("--column", action="append", metavar="OLD=NEW",
-                   help="rename a column, e.g. --column question=prompt (repeatable)")
+                   help="rename a column of the data to the name the task expects, e.g. "
+                        "--column question=prompt (repeatable)")
     d.add_argument("--mix-general", metavar="FILE", help="general text (rows with 'text') "
                    "mixed into training batches (forgetting guard)")
     d.add_argument("--mix-ratio", type=float, help="share of general examples (default 0.1)")
@@ -95,6 +112,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="evaluation examples to generate for ROUGE-L (default all; 0 = none)")
     t.add_argument("--max-truncated", type=float,
                    help="largest share of examples that may be cut at max-length (0.05)")
+    t.add_argument("--labels", type=_comma_list, metavar="A,B,...",
+                   help="class names in head order (classification, tagging; default: the "
+                        "sorted labels of the training data, 'O' first for tags)")
+    t.add_argument("--verbalizer", action="append", metavar="LABEL=WORD",
+                   help="sequence classification through a causal LM: the word scoring each "
+                        "label, e.g. --verbalizer 'positive= great' (repeatable)")
+    t.add_argument("--template", help="verbaliser prompt with {text} (and {text_pair}), e.g. "
+                   "'{text} It was'")
+    t.add_argument("--loss", help="multiple choice: t-few (default) or lm")
+    t.add_argument("--max-target-length", type=int, help="seq2seq: target tokens (128)")
     tr = p.add_argument_group("training (fields of TrainConfig; docs/training.md)")
     for f in dataclasses.fields(TrainConfig):
         if f.name in TRAIN_SKIP:
@@ -147,10 +174,11 @@ def build_run(args: argparse.Namespace) -> dict[str, Any]:
         data["columns"] = cols
     run["data"] = data
     opts = dict(run.get("task_options") or {})
-    for key in ("max_length", "chat_template", "system_prompt", "max_new_tokens",
-                "generate_examples", "max_truncated"):
-        if getattr(args, key) is not None:
+    for key in TASK_FLAGS:
+        if getattr(args, key, None) is not None:
             opts[key] = getattr(args, key)
+    if getattr(args, "verbalizer", None):
+        opts["verbalizer"] = parse_verbalizer(args.verbalizer)
     run["task_options"] = opts
     train = dict(run.get("train") or {})
     method = dict(run.get("method") or {})
@@ -190,33 +218,41 @@ def build_run(args: argparse.Namespace) -> dict[str, Any]:
     return run
 
 
-def make_task(run: dict[str, Any], tokenizer: Any, model: Any) -> Any:
-    """Build the task named in the run with its options."""
-    from deltatune.core.errors import ConfigError
-    from deltatune.tasks import TASKS
+def _comma_list(text: str) -> list[Any]:
+    return [_yaml_value(v.strip()) for v in text.split(",") if v.strip()]
 
-    name = run["task"]
-    if name not in TASKS:
-        raise ConfigError(f"unknown task {name!r}; the CLI trains: {', '.join(TASKS)}",
-                          field="task")
-    opts = dict(run.get("task_options") or {})
-    if name == "causal-lm":
-        opts = {k: v for k, v in opts.items() if k in ("max_length", "pack", "text_column")}
-    return TASKS[name](tokenizer, model=model, **opts)
+
+def parse_verbalizer(items: list[str]) -> dict[Any, str]:
+    """``["positive= great", ...]`` -> ``{"positive": " great"}`` (labels read as YAML)."""
+    from deltatune.core.errors import ConfigError
+
+    out: dict[Any, str] = {}
+    for item in items:
+        label, sep, word = item.partition("=")
+        if not sep or not label.strip() or not word:
+            raise ConfigError(f"--verbalizer wants LABEL=WORD, got {item!r}", field="verbalizer")
+        out[_yaml_value(label.strip())] = word
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
     """Train as described by the flags / run file; return the exit code."""
-    from deltatune import __version__, data, models
+    import torch
+
+    from deltatune import __version__, data
+    from deltatune.cli import task_setup
+    from deltatune.core.errors import ConfigError
     from deltatune.core.model import DeltaModel
-    from deltatune.core.registry import config_from_dict
-    from deltatune.tasks import Encoded, LanguageModeling
+    from deltatune.core.registry import config_class, config_from_dict
+    from deltatune.tasks import CausalLMBase, Encoded, LanguageModeling
     from deltatune.train import TrainConfig, Trainer, TrainingInterrupted
     from deltatune.train.runfile import RUN_FILE, write_run_file
 
     run_desc = build_run(args)
     config = TrainConfig.from_dict(run_desc["train"])
-    delta_config = config_from_dict(run_desc["method"])
+    config_from_dict(run_desc["method"])  # a bad method option fails before any loading
+    task_name = run_desc["task"]
+    opts = task_setup.check_options(task_name, dict(run_desc["task_options"]))
     spec = run_desc["data"]
     columns = spec.get("columns") or None
     # Read (and check) the data before loading the model: a bad file fails fast.
@@ -228,15 +264,41 @@ def run(args: argparse.Namespace) -> int:
     elif eval_rows is None and float(spec.get("val_fraction", 0.1)) > 0:
         train_rows, eval_rows = data.split(train_rows, validation=float(
             spec.get("val_fraction", 0.1)), seed=config.seed)
-    general_rows = data.read(spec["mix_general"]) if spec.get("mix_general") else None
+    task_setup.check_columns(task_name, opts, train_rows)
+    if eval_rows is not None:
+        task_setup.check_columns(task_name, opts, eval_rows)
+    general_rows = None
+    if spec.get("mix_general"):
+        if task_name not in ("causal-lm-sft", "causal-lm"):
+            raise ConfigError(f"--mix-general mixes raw text into causal-LM training; task "
+                              f"{task_name!r} has no place for it", field="mix_general")
+        general_rows = data.read(spec["mix_general"])
+        task_setup.check_columns("causal-lm", {"text_column": spec.get("general_column",
+                                                                         "text")}, general_rows)
+    labels = task_setup.label_set(task_name, opts, train_rows)
+    if labels is not None:
+        opts["labels"] = labels
+        run_desc["task_options"]["labels"] = labels
 
-    model, tokenizer = models.load(run_desc["model"], task="causal-lm")
-    task = make_task(run_desc, tokenizer, model)
+    torch.manual_seed(config.seed)  # a new head's initial weights follow the run's seed
+    model, tokenizer = task_setup.load_model(run_desc["model"], task_name, opts)
+    method = run_desc["method"]
+    heads = task_setup.head_modules(model)
+    if heads:
+        fields = {f.name for f in dataclasses.fields(config_class(method["method"]))}
+        if "modules_to_save" in fields and "modules_to_save" not in method and \
+                method["method"] != "full":
+            method["modules_to_save"] = heads
+            print(f"new head {', '.join(heads)}: trained in full with the delta "
+                  f"(modules_to_save)")
+    delta_config = config_from_dict(method)
+    task = task_setup.build_task(task_name, tokenizer, model, opts)
     dm = DeltaModel(model)
     dm.add(run_desc["name"], delta_config)
     print(dm.describe_parameters())
     train_data: Any = train_rows
     if general_rows is not None:
+        assert isinstance(task, CausalLMBase)
         task_examples = task.encode_rows(train_rows, "training data")
         general = LanguageModeling(tokenizer, max_length=task.max_length,
                                    text_column=spec.get("general_column", "text"))
@@ -246,7 +308,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"forgetting guard: mixed {len(train_data) - len(task_examples)} general-text "
               f"examples into {len(task_examples)} task examples (ratio {ratio})")
     trainer = Trainer(dm, task, train_data, eval_rows, config)
-    print(f"training data: {len(trainer.train_examples)} examples"
+    packed = (f", packed from {trainer.packed_from} examples" if trainer.packed_from
+              is not None else "")
+    print(f"task {task_name}; training data: {len(trainer.train_examples)} "
+          f"{'rows' if packed else 'examples'}{packed}"
           + (f" ({trainer.train_stats.describe()})" if general_rows is None else "")
           + (f"; evaluation: {len(trainer.eval_examples)} examples"
              if trainer.eval_examples is not None else "; no evaluation data"))

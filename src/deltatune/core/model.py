@@ -567,6 +567,11 @@ class DeltaModel(WrapperModule):
         out = {}
         for location in delta.parts:
             module = get_submodule(self.model, location) if location else self.model
+            if isinstance(module, ModuleCopy):
+                # A full copy (modules_to_save) replaces the module, so the base's values
+                # there do not matter (a new task head is random in every load); its
+                # shapes are checked when the copy's tensors are loaded.
+                continue
             if isinstance(module, DeltaLayer):
                 original = module._originals[0] if module.merged else None
                 out[location] = original[0] if original is not None else module.base.weight

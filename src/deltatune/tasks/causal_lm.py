@@ -95,19 +95,52 @@ class CausalLMBase(Task):
         return sum(1 for y in example["labels"][1:] if y != IGNORE)
 
     def collate(self, examples: Sequence[Example]) -> Batch:
-        """Right-pad ``input_ids`` (pad id), ``labels`` (-100) and build ``attention_mask``."""
+        """Right-pad ``input_ids`` (pad id), ``labels`` (-100) and build ``attention_mask``.
+
+        Packed rows (see :meth:`pack_examples`) also get ``position_ids`` restarting at every
+        example and ``segment_ids`` (example number in the row, 0 on padding).
+        """
         ids = [e["input_ids"] for e in examples]
-        return {
+        batch = {
             "input_ids": pad_to(ids, self.pad_id),
             "attention_mask": pad_to([[1] * len(i) for i in ids], 0),
             "labels": pad_to([e["labels"] for e in examples], IGNORE),
         }
+        if any("segments" in e for e in examples):
+            from deltatune.tasks.packing import segment_tensors
+
+            batch["segment_ids"], batch["position_ids"] = segment_tensors(
+                examples, batch["input_ids"].shape[1])
+            # the first token of an example is never a target (in a flattened batch the
+            # previous row's last token would otherwise predict it)
+            batch["labels"] = batch["labels"].masked_fill(batch["position_ids"] == 0, IGNORE)
+        return batch
+
+    def pack_examples(self, examples: Sequence[Example]) -> list[Example]:
+        """Pack examples into rows of at most ``max_length`` tokens (``tasks.packing``)."""
+        from deltatune.tasks.packing import pack_examples
+
+        return pack_examples(examples, self.max_length)
 
     def loss_sum(self, model: Any, batch: Batch) -> tuple[torch.Tensor, int]:
-        """Summed next-token cross-entropy over supervised positions (float32), and their count."""
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        """Summed next-token cross-entropy over supervised positions (float32), and their count.
+
+        A packed batch (with ``segment_ids``) is run with a block-diagonal causal mask or,
+        on flash/flex attention, flattened with restarting position ids
+        (:func:`deltatune.tasks.packing.packed_forward_inputs`).
+        """
+        labels = batch["labels"]
+        if "segment_ids" in batch:
+            from deltatune.tasks.packing import packed_forward_inputs
+
+            kwargs, flat = packed_forward_inputs(model, batch)
+            if flat:
+                labels = labels.reshape(1, -1)
+            out = model(**kwargs)
+        else:
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         logits = out.logits[:, :-1].float()
-        labels = batch["labels"][:, 1:].to(logits.device)
+        labels = labels[:, 1:].to(logits.device)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                ignore_index=IGNORE, reduction="sum")
         return loss, int((labels != IGNORE).sum())

@@ -76,12 +76,17 @@ class SequenceClassification(Task):
         return {"task": self.name, "labels": self.labels, "verbalizer": self.verbalizer,
                 "template": self.template, "max_length": self.max_length}
 
+    @staticmethod
+    def label_set(rows: Any, label_column: str = "label") -> list[Any]:
+        """The distinct labels of ``rows``, sorted (ints and strings apart): the class order."""
+        found = {r.get(label_column) for r in rows if isinstance(r, dict)}
+        found.discard(None)
+        return sorted(found, key=lambda v: (str(type(v)), v))
+
     def encode_rows(self, rows: Any, source: str = "data") -> list[Example]:
         """Fix the label set from these rows when none was given, then encode."""
         if self.labels is None and not isinstance(rows, Encoded):
-            found = {r.get(self.label_column) for r in rows if isinstance(r, dict)}
-            found.discard(None)
-            self.labels = sorted(found, key=lambda v: (str(type(v)), v))
+            self.labels = self.label_set(rows, self.label_column)
         return super().encode_rows(rows, source)
 
     def label_index(self, value: Any) -> int:

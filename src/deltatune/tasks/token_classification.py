@@ -55,12 +55,17 @@ class TokenClassification(Task):
         """Settings written into the run file."""
         return {"task": self.name, "labels": self.labels, "max_length": self.max_length}
 
+    @staticmethod
+    def tag_set(rows: Any, tags_column: str = "tags") -> list[str]:
+        """``O`` then the other distinct tags of ``rows``, sorted: the head's class order."""
+        found = {t for r in rows if isinstance(r, dict)
+                 for t in (r.get(tags_column) or []) if isinstance(t, str)}
+        return ["O", *sorted(found - {"O"})]
+
     def encode_rows(self, rows: Any, source: str = "data") -> list[Example]:
         """Fix the tag set from these rows when none was given ('O' first), then encode."""
         if self.labels is None and not isinstance(rows, Encoded):
-            found = {t for r in rows if isinstance(r, dict)
-                     for t in (r.get(self.tags_column) or []) if isinstance(t, str)}
-            self.labels = ["O", *sorted(found - {"O"})]
+            self.labels = self.tag_set(rows, self.tags_column)
         return super().encode_rows(rows, source)
 
     def encode(self, row: Row) -> Example | None:

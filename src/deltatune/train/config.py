@@ -17,7 +17,7 @@ NONFINITE_POLICIES = ("halt", "skip-step")
 TRAJECTORY_FIELDS = (
     "epochs", "max_steps", "batch_size", "grad_accum", "lr", "weight_decay", "betas", "eps",
     "schedule", "warmup_steps", "warmup_ratio", "min_lr_ratio", "lr_ratios", "loraplus_ratio",
-    "max_grad_norm", "seed", "mixed_precision", "nonfinite",
+    "max_grad_norm", "seed", "mixed_precision", "nonfinite", "packing",
 )
 
 
@@ -51,6 +51,8 @@ class TrainConfig:
     seed: int = 0
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
+    # causal LM: several examples per row, attention kept inside each (tasks/packing.py)
+    packing: bool = False
     eval_every: int | None = None
     eval_batch_size: int | None = None
     save_every: int | None = None
@@ -97,6 +99,9 @@ class TrainConfig:
                     (hi is not None and v > hi) or v != v:
                 rng = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
                 raise ConfigError(f"{name} must be a number {rng}, got {v!r}", field=name)
+        if not isinstance(self.packing, bool):
+            raise ConfigError(f"packing must be true or false, got {self.packing!r}",
+                              field="packing")
         if self.lr == 0:
             raise ConfigError("lr must be > 0", field="lr")
         betas = tuple(self.betas)

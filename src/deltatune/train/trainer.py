@@ -167,6 +167,15 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.train_examples = task.encode_rows(train_data, "training data")
         self.train_stats = task.stats
+        self.packed_from: int | None = None
+        if self.config.packing:
+            from deltatune.tasks.packing import check_packable
+
+            check_packable(model, task)
+            self.packed_from = len(self.train_examples)
+            self.train_examples = task.pack_examples(self.train_examples)
+            logger.info("packing: %d examples in %d rows of at most %d tokens",
+                        self.packed_from, len(self.train_examples), task.max_length)
         self.eval_examples = (task.encode_rows(eval_data, "evaluation data")
                               if eval_data is not None else None)
         # accelerate only sets up multi-process CPU training (gloo) when told cpu=True

@@ -1,0 +1,54 @@
+"""A DeltaModel trained by Hugging Face ``transformers.Trainer``, then saved and reloaded."""
+
+from __future__ import annotations
+
+import torch
+
+import deltatune as dt
+from tests.conftest import model_inputs, tiny_llama
+
+
+def test_hf_trainer_trains_a_delta_that_saves_and_reloads(tmp_path):
+    from torch.utils.data import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    from deltatune.integrations.hf_trainer import DeltaTuneTrainerCallback
+
+    ids = model_inputs("llama", batch=8, length=9)["input_ids"]
+
+    class Rows(Dataset):
+        def __len__(self):
+            return len(ids)
+
+        def __getitem__(self, i):
+            return {"input_ids": ids[i], "labels": ids[i]}
+
+    torch.manual_seed(0)
+    dm = dt.attach(tiny_llama(), dt.LoraConfig(r=2, lora_alpha=4,
+                                               target_modules=["q_proj", "v_proj", "up_proj"]))
+    with torch.no_grad():
+        before = float(dm(input_ids=ids, labels=ids).loss)
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=12,
+                             per_device_train_batch_size=4, learning_rate=0.02, report_to=[],
+                             save_strategy="no", logging_strategy="no", use_cpu=True,
+                             remove_unused_columns=False, disable_tqdm=True, seed=0)
+    Trainer(model=dm, args=args, train_dataset=Rows(),
+            callbacks=[DeltaTuneTrainerCallback(dm)]).train()
+    dm.eval()
+    with torch.no_grad():
+        after = float(dm(input_ids=ids, labels=ids).loss)
+        trained_logits = dm(input_ids=ids).logits
+    assert after < before - 0.05  # it trained the delta
+    # only the delta changed: the base weights under it are the original ones
+    fresh = tiny_llama()
+    base = dict(fresh.named_parameters())
+    for name, p in dm.model.named_parameters():
+        if not p.requires_grad and name in base:
+            assert torch.equal(p, base[name]), name
+    dm.save_delta(tmp_path / "delta")
+    reloaded = dt.load(tiny_llama(), tmp_path / "delta")
+    saved = dm.delta_state_dict()
+    for k, v in reloaded.delta_state_dict().items():
+        assert torch.equal(v, saved[k]), k
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, trained_logits)
