@@ -8,8 +8,8 @@ from deltatune.cli import main
 
 
 def test_federate_cli_writes_results(tmp_path, capsys):
-    code = main(["federate", "--methods", "lora,pfedpara", "--clients", "2", "--rounds", "2",
-                 "--examples", "24", "--non-iid", "1.0", "--out", str(tmp_path)])
+    code = main(["federate", "--task", "toy", "--methods", "lora,pfedpara", "--clients", "2",
+                 "--rounds", "2", "--examples", "24", "--non-iid", "1.0", "--out", str(tmp_path)])
     assert code == 0
     out = capsys.readouterr().out
     assert "cum KiB" in out and "pfedpara" in out

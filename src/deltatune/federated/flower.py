@@ -41,12 +41,26 @@ def payload_size(arrays: list[np.ndarray]) -> int:
     return sum(int(a.nbytes) for a in arrays)
 
 
+def trim(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Return ``batch`` cut to its longest row (right padding only; no-op without a mask).
+
+    Texts are padded to a fixed length once; cutting the all-padding columns of a batch
+    saves time and changes no logit, since padded positions are masked out and come last.
+    """
+    mask = batch.get("attention_mask")
+    if mask is None or mask.dim() != 2:
+        return batch
+    width = max(1, int(mask.sum(1).max()))
+    return {k: v[:, :width] if v.dim() == 2 and v.shape[1] == mask.shape[1] else v
+            for k, v in batch.items()}
+
+
 def _batches(data: dict[str, torch.Tensor], size: int, gen: torch.Generator | None):
     n = len(data["labels"])
     order = torch.randperm(n, generator=gen) if gen is not None else torch.arange(n)
     for start in range(0, n, size):
         idx = order[start:start + size]
-        yield {k: v[idx] for k, v in data.items()}
+        yield trim({k: v[idx] for k, v in data.items()})
 
 
 @torch.no_grad()
