@@ -51,7 +51,9 @@ def serve(args: argparse.Namespace) -> None:
             return new
 
     task = _task(args)
-    ref = global_tensors(prepare(task.make_model(), args.method, args.rank), args.method)
+    # the initial global tensors are client 0's initial ones, as in the in-process loop
+    ref = global_tensors(prepare(task.make_model(), args.method, args.rank, args.seed),
+                         args.method)
     strategy = Recording(ref, min_fit_clients=args.clients, min_available_clients=args.clients,
                          fraction_evaluate=0.0)
     fs.start_server(server_address=f"127.0.0.1:{args.port}", strategy=strategy,
@@ -88,7 +90,7 @@ def client(args: argparse.Namespace) -> None:
             (out / f"upload-{self.cid}.safetensors").write_bytes(arrays[0].tobytes())
             return arrays, n, metrics
 
-    model = prepare(task.make_model(), args.method, args.rank)
+    model = prepare(task.make_model(), args.method, args.rank, args.seed + args.cid)
     delta_client = Client(str(args.cid), model, args.method, train, test,
                           epochs=args.local_epochs, lr=args.lr, batch_size=args.batch_size,
                           seed=args.seed + args.cid)

@@ -46,13 +46,20 @@ def delta_config(method: str, r: int = 4) -> dt.core.config.DeltaConfig:
     return LoHaConfig(r=r, mode=method)
 
 
-def prepare(base: nn.Module, method: str, r: int = 4) -> nn.Module:
-    """Attach the method's delta to ``base``; the classification head is trained too.
+def prepare(base: nn.Module, method: str, r: int = 4, seed: int | None = None) -> nn.Module:
+    """Attach the method's delta to ``base``; return the model with the head trainable too.
 
     The head (``classifier``) of a freshly initialised classifier must learn, so for the
-    delta methods it is unfrozen and travels with the global tensors.
+    delta methods it is unfrozen and travels with the global tensors. With ``seed`` the
+    delta's initial values are drawn from that seed alone (a client's local pFedPara factors
+    are then the same in every execution mode), without touching the global generator.
     """
-    model = dt.attach(base, delta_config(method, r))
+    if seed is None:
+        model = dt.attach(base, delta_config(method, r))
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = dt.attach(base, delta_config(method, r))
     for name, p in model.named_parameters():
         if ".classifier." in f".{name}":
             p.requires_grad_(True)
@@ -145,7 +152,8 @@ def run_federated(method: str, make_model: Callable[[], nn.Module],
     base = make_model()
     fleet = []
     for c, (own_train, own_test) in enumerate(client_shards(train, clients, non_iid, seed)):
-        fleet.append(DeltaClient(str(c), prepare(copy.deepcopy(base), method, r), method,
+        fleet.append(DeltaClient(str(c), prepare(copy.deepcopy(base), method, r, seed + c),
+                                 method,
                                  own_train, own_test, epochs=local_epochs, lr=lr,
                                  batch_size=batch_size, seed=seed + c))
     # the server's copy: base + global tensors (pFedPara: with W2 at its start value 0)
