@@ -8,8 +8,8 @@ from deltatune.cli import main
 
 
 def test_federate_cli_writes_results(tmp_path, capsys):
-    code = main(["federate", "--methods", "lora,pfedpara", "--clients", "2", "--rounds", "2",
-                 "--examples", "24", "--non-iid", "1.0", "--out", str(tmp_path)])
+    code = main(["federate", "--task", "toy", "--methods", "lora,pfedpara", "--clients", "2",
+                 "--rounds", "2", "--examples", "24", "--non-iid", "1.0", "--out", str(tmp_path)])
     assert code == 0
     out = capsys.readouterr().out
     assert "cum KiB" in out and "pfedpara" in out
@@ -27,3 +27,30 @@ def test_federate_cli_writes_results(tmp_path, capsys):
 def test_federate_cli_rejects_unknown_method(capsys):
     assert main(["federate", "--methods", "lora,fedsgd"]) == 2
     assert "fedsgd" in capsys.readouterr().err
+
+
+def test_federate_cli_resumes_finished_methods_and_summarises(tmp_path, capsys):
+    args = ["federate", "--task", "toy", "--methods", "full,lora", "--clients", "2",
+            "--rounds", "1", "--examples", "24", "--out", str(tmp_path)]
+    assert main(args) == 0
+    first = json.loads((tmp_path / "results.json").read_text())
+    capsys.readouterr()
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "full: reusing" in out and "lora: reusing" in out
+    again = json.loads((tmp_path / "results.json").read_text())
+    assert again["methods"] == first["methods"]
+    summary = first["summary"]
+    for method, recs in first["methods"].items():
+        s = summary[method]
+        assert s["total_bytes"] == recs[-1]["cumulative_bytes"]
+        assert s["payload_bytes"] * 2 == recs[-1]["bytes_down"]
+        assert s["final_accuracy"] == recs[-1]["accuracy"]
+        assert s["final_client_accuracy_min"] == min(recs[-1]["client_accuracy"])
+    assert summary["full"]["bytes_vs_full"] == 1.0
+    assert summary["lora"]["bytes_vs_full"] == (summary["lora"]["total_bytes"]
+                                                / summary["full"]["total_bytes"])
+    # other settings: nothing is reused
+    capsys.readouterr()
+    assert main([*args[:-2], "--seed", "1", "--out", str(tmp_path)]) == 0
+    assert "reusing" not in capsys.readouterr().out

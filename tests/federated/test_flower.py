@@ -78,3 +78,40 @@ def test_wrong_shape_and_dropped_client_are_rejected_round_completes():
     g1 = global_tensors(fleet[1].model, "lora")
     assert all(torch.equal(g0[k], g1[k]) for k in g0)
     assert isinstance(pack(g0)[0], np.ndarray)
+
+
+def test_trim_cuts_padding_columns_without_changing_logits():
+    from deltatune.federated.flower import trim
+
+    torch.manual_seed(0)
+    model = tiny_bert(seed=0).eval()
+    lengths = torch.tensor([5, 9, 3])
+    ids = torch.randint(5, 100, (3, 16))
+    mask = (torch.arange(16)[None, :] < lengths[:, None]).long()
+    ids = ids * mask  # right padding with id 0
+    batch = {"input_ids": ids, "attention_mask": mask,
+             "token_type_ids": torch.zeros_like(ids), "labels": torch.tensor([0, 1, 2])}
+    cut = trim(batch)
+    assert cut["input_ids"].shape == (3, 9) and cut["attention_mask"].shape == (3, 9)
+    assert torch.equal(cut["labels"], batch["labels"])
+    with torch.no_grad():
+        full, short = model(**batch).logits, model(**cut).logits
+    assert torch.allclose(full, short, atol=1e-5)
+    # a batch without a mask is left alone
+    assert trim({"input_ids": ids})["input_ids"] is ids
+
+
+def test_client_update_depends_only_on_seed_and_round():
+    # the same client fit twice from the same state, with unrelated random draws between,
+    # gives the same upload: batch order and dropout come from (seed, round) alone
+    from deltatune.federated.flower import DeltaClient
+    from deltatune.federated.run import prepare
+
+    train, test = _data()
+    uploads = []
+    for junk in (0, 7):
+        torch.rand(junk)
+        model = prepare(tiny_bert(seed=0), "lora", 4, seed=3)
+        client = DeltaClient("0", model, "lora", train, test, batch_size=8, seed=3)
+        uploads.append(unpack(client.fit([], {"round": 2})[0]))
+    assert all(torch.equal(uploads[0][k], uploads[1][k]) for k in uploads[0])

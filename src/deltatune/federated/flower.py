@@ -41,12 +41,26 @@ def payload_size(arrays: list[np.ndarray]) -> int:
     return sum(int(a.nbytes) for a in arrays)
 
 
+def trim(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Return ``batch`` cut to its longest row (right padding only; no-op without a mask).
+
+    Texts are padded to a fixed length once; cutting the all-padding columns of a batch
+    saves time and changes no logit, since padded positions are masked out and come last.
+    """
+    mask = batch.get("attention_mask")
+    if mask is None or mask.dim() != 2:
+        return batch
+    width = max(1, int(mask.sum(1).max()))
+    return {k: v[:, :width] if v.dim() == 2 and v.shape[1] == mask.shape[1] else v
+            for k, v in batch.items()}
+
+
 def _batches(data: dict[str, torch.Tensor], size: int, gen: torch.Generator | None):
     n = len(data["labels"])
     order = torch.randperm(n, generator=gen) if gen is not None else torch.arange(n)
     for start in range(0, n, size):
         idx = order[start:start + size]
-        yield {k: v[idx] for k, v in data.items()}
+        yield trim({k: v[idx] for k, v in data.items()})
 
 
 @torch.no_grad()
@@ -70,8 +84,7 @@ class DeltaClient(NumPyClient):
                  epochs: int = 1, lr: float = 3e-3, batch_size: int = 16, seed: int = 0):
         self.cid, self.model, self.method = cid, model, method
         self.train, self.test = train, test
-        self.epochs, self.lr, self.batch_size = epochs, lr, batch_size
-        self.gen = torch.Generator().manual_seed(seed)
+        self.epochs, self.lr, self.batch_size, self.seed = epochs, lr, batch_size, seed
 
     def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:
         """Return this client's travelling tensors, packed."""
@@ -83,19 +96,28 @@ class DeltaClient(NumPyClient):
 
     def fit(self, parameters: list[np.ndarray], config: dict[str, Any]
             ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
-        """Load the global tensors, train ``epochs`` local epochs (AdamW); return the update."""
+        """Load the global tensors, train ``epochs`` local epochs (AdamW); return the update.
+
+        The batch order and dropout are drawn from ``(seed, config["round"])`` alone, so a
+        client computes the same update whether it runs in-process, in its own process or
+        in Flower's simulation, and whatever ran before it in the same interpreter.
+        """
         self._receive(parameters)
         self.model.train()
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
         loss_sum, steps = 0.0, 0
-        for _ in range(self.epochs):
-            for batch in _batches(self.train, self.batch_size, self.gen):
-                loss = self.model(**batch).loss
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                loss_sum, steps = loss_sum + float(loss.detach()), steps + 1
+        round_seed = self.seed * 100_003 + int(config.get("round", 0))
+        gen = torch.Generator().manual_seed(round_seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(round_seed)  # dropout
+            for _ in range(self.epochs):
+                for batch in _batches(self.train, self.batch_size, gen):
+                    loss = self.model(**batch).loss
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    loss_sum, steps = loss_sum + float(loss.detach()), steps + 1
         out = self.get_parameters({})
         return out, len(self.train["labels"]), {"cid": self.cid,
                                                 "train_loss": loss_sum / max(steps, 1)}
@@ -108,6 +130,10 @@ class DeltaClient(NumPyClient):
         return loss, len(self.test["labels"]), {"accuracy": acc, "cid": self.cid}
 
 
+def _round_config(server_round: int) -> dict[str, Any]:
+    return {"round": server_round}
+
+
 class DeltaFedAvg(FedAvg):
     """FedAvg over safetensors payloads, validated against the global tensors first.
 
@@ -117,6 +143,8 @@ class DeltaFedAvg(FedAvg):
     """
 
     def __init__(self, reference: dict[str, torch.Tensor], **kwargs: Any) -> None:
+        # every fit gets its round number (clients draw their batch order and dropout from it)
+        kwargs.setdefault("on_fit_config_fn", _round_config)
         super().__init__(initial_parameters=ndarrays_to_parameters(pack(reference)),
                          accept_failures=True, **kwargs)
         self.reference = reference

@@ -29,13 +29,57 @@ def format_table(results: dict[str, list[RoundRecord]]) -> str:
     return "\n".join(lines)
 
 
-def write_results(results: dict[str, list[RoundRecord]], settings: dict, out: Path) -> Path:
-    """Write ``results.json`` (settings + every round of every method); return its path."""
+def summarise(records: list[RoundRecord], clients: int) -> dict:
+    """Return one method's headline numbers: final/best accuracy, per-client spread, bytes.
+
+    ``payload_bytes`` is one client's download per round (the global payload); the upload
+    of a client has the same tensors, so the same size up to the safetensors header.
+    """
+    last = records[-1]
+    best = max(records, key=lambda r: r.accuracy)
+    return {
+        "rounds": len(records),
+        "final_accuracy": last.accuracy,
+        "best_accuracy": best.accuracy, "best_round": best.round,
+        "final_mean_client_accuracy": last.mean_client_accuracy,
+        "best_mean_client_accuracy": max(r.mean_client_accuracy for r in records),
+        "final_client_accuracy_min": min(last.client_accuracy),
+        "final_client_accuracy_max": max(last.client_accuracy),
+        "payload_bytes": last.bytes_down // max(clients, 1),
+        "bytes_up_per_round": last.bytes_up,
+        "bytes_down_per_round": last.bytes_down,
+        "total_bytes": last.cumulative_bytes,
+        "rejected": sum(len(r.rejected) for r in records),
+    }
+
+
+def write_results(results: dict[str, list[RoundRecord]], settings: dict, out: Path, *,
+                  seconds: dict[str, float] | None = None,
+                  lrs: dict[str, float] | None = None) -> Path:
+    """Write ``results.json`` (settings, a summary per method, every round); return its path.
+
+    The file is replaced atomically (written next to it, then renamed), so an interrupted
+    run leaves the previous complete file.
+    """
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
-    body = {"settings": settings,
+    clients = int(settings.get("clients", 1))
+    summary = {}
+    for m, recs in results.items():
+        summary[m] = summarise(recs, clients)
+        if lrs and m in lrs:
+            summary[m]["lr"] = lrs[m]
+        if seconds and m in seconds:
+            summary[m]["seconds"] = round(seconds[m], 1)
+    full = summary.get("full", {}).get("total_bytes")
+    for m in summary:
+        if full:
+            summary[m]["bytes_vs_full"] = summary[m]["total_bytes"] / full
+    body = {"settings": settings, "summary": summary,
             "methods": {m: [dataclasses.asdict(r) for r in recs] for m, recs in results.items()}}
-    path.write_text(json.dumps(body, indent=2))
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(body, indent=2))
+    tmp.replace(path)
     return path
 
 

@@ -46,13 +46,20 @@ def delta_config(method: str, r: int = 4) -> dt.core.config.DeltaConfig:
     return LoHaConfig(r=r, mode=method)
 
 
-def prepare(base: nn.Module, method: str, r: int = 4) -> nn.Module:
-    """Attach the method's delta to ``base``; the classification head is trained too.
+def prepare(base: nn.Module, method: str, r: int = 4, seed: int | None = None) -> nn.Module:
+    """Attach the method's delta to ``base``; return the model with the head trainable too.
 
     The head (``classifier``) of a freshly initialised classifier must learn, so for the
-    delta methods it is unfrozen and travels with the global tensors.
+    delta methods it is unfrozen and travels with the global tensors. With ``seed`` the
+    delta's initial values are drawn from that seed alone (a client's local pFedPara factors
+    are then the same in every execution mode), without touching the global generator.
     """
-    model = dt.attach(base, delta_config(method, r))
+    if seed is None:
+        model = dt.attach(base, delta_config(method, r))
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = dt.attach(base, delta_config(method, r))
     for name, p in model.named_parameters():
         if ".classifier." in f".{name}":
             p.requires_grad_(True)
@@ -91,6 +98,26 @@ def _take(data: dict[str, torch.Tensor], idx: list[int]) -> dict[str, torch.Tens
     return {k: v[index] for k, v in data.items()}
 
 
+def client_shards(train: dict[str, torch.Tensor], clients: int, non_iid: float | None,
+                  seed: int) -> list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
+    """Split ``train`` among clients; return each client's (train, test) shards.
+
+    IID, or Dirichlet(``non_iid``) label skew; each client's share is shuffled (seeded) and
+    cut 80/20 into its own training and test shard (a one-example share tests on that
+    example). Every process of a federation computes the same split from the same seed.
+    """
+    labels = train["labels"].tolist()
+    parts = (iid_partition(len(labels), clients, seed) if non_iid is None
+             else dirichlet_partition(labels, clients, non_iid, seed))
+    out = []
+    for c, part in enumerate(parts):
+        order = np.random.default_rng(seed + c).permutation(part)
+        cut = max(1, int(0.8 * len(order)))
+        out.append((_take(train, order[:cut].tolist()),
+                    _take(train, order[cut:].tolist() or order[:1].tolist())))
+    return out
+
+
 @dataclass
 class RoundRecord:
     """What one round measured."""
@@ -122,26 +149,21 @@ def run_federated(method: str, make_model: Callable[[], nn.Module],
     W2). Bytes down count the payload once per
     client. ``faults`` maps a client index to a function applied to its update (tests).
     """
-    labels = train["labels"].tolist()
-    parts = (iid_partition(len(labels), clients, seed) if non_iid is None
-             else dirichlet_partition(labels, clients, non_iid, seed))
     base = make_model()
     fleet = []
-    for c, part in enumerate(parts):
-        order = np.random.default_rng(seed + c).permutation(part)
-        cut = max(1, int(0.8 * len(order)))
-        fleet.append(DeltaClient(str(c), prepare(copy.deepcopy(base), method, r), method,
-                                 _take(train, order[:cut].tolist()),
-                                 _take(train, order[cut:].tolist() or order[:1].tolist()),
-                                 epochs=local_epochs, lr=lr, batch_size=batch_size,
-                                 seed=seed + c))
+    for c, (own_train, own_test) in enumerate(client_shards(train, clients, non_iid, seed)):
+        fleet.append(DeltaClient(str(c), prepare(copy.deepcopy(base), method, r, seed + c),
+                                 method,
+                                 own_train, own_test, epochs=local_epochs, lr=lr,
+                                 batch_size=batch_size, seed=seed + c))
     # the server's copy: base + global tensors (pFedPara: with W2 at its start value 0)
     server = prepare(copy.deepcopy(base), method, r)
     strategy = DeltaFedAvg(global_tensors(fleet[0].model, method))
     current = parameters_to_ndarrays(strategy.initialize_parameters(None))
     records, total = [], 0
     ok = Status(code=Code.OK, message="")
-    for rnd in tqdm(range(1, rounds + 1), desc=f"federate {method}", disable=not progress):
+    bar = tqdm(range(1, rounds + 1), desc=f"federate {method}", disable=not progress)
+    for rnd in bar:
         results, failures = [], []
         down = payload_size(current) * len(fleet)
         for c, client in enumerate(fleet):
@@ -164,4 +186,6 @@ def run_federated(method: str, make_model: Callable[[], nn.Module],
             rnd, accuracy(server, test)[1], sum(m["accuracy"] * n for _, n, m in evals) / n_all,
             [m["accuracy"] for _, _, m in evals], strategy.bytes_up, down, total,
             [f"client {x.client}: {x.reason}" for x in strategy.rejections]))
+        bar.set_postfix(acc=f"{records[-1].accuracy:.3f}",
+                        clients=f"{records[-1].mean_client_accuracy:.3f}")
     return records, fleet
