@@ -379,3 +379,21 @@ def test_task_errors_are_clear(bert_dir, llama_dir, tmp_path, capsys):
     assert main(["train", "--task", "sequence-classification", "--column", "review=text",
                  "--mix-general", str(train), *base]) == 2
     assert "--mix-general mixes raw text into causal-LM training" in capsys.readouterr().err
+
+
+# -- SFT packing from the command line --
+def test_sft_packing_flag(llama_dir, tmp_path, capsys):
+    rows = [{"prompt": f"w{i}", "response": "ab" * (1 + i % 3)} for i in range(10)]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(llama_dir), "--data", str(train), "--out", str(out),
+                 "--val-fraction", "0", "--r", "2", "--epochs", "1", "--batch-size", "2",
+                 "--max-length", "32", "--packing", *COMMON]) == 0
+    assert "packed from 10 examples" in capsys.readouterr().out
+    run = yaml.safe_load((out / "run.yaml").read_text())
+    assert run["train"]["packing"] is True
+    # "wN\n" + response + eos: 4 + 2k tokens (k = 1, 2, 3); 78 tokens fit in 3 rows of 32
+    lengths = [4 + 2 * (1 + i % 3) for i in range(10)]
+    assert sum(lengths) == 78 and run["result"]["packed_from"] == 10
+    assert run["result"]["train_rows"] == math.ceil(78 / 32) == 3
+    assert run["result"]["steps"] == 2
