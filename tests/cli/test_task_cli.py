@@ -189,45 +189,70 @@ def test_token_classification_bio(bert_dir, tmp_path, capsys):
 
 
 # -- seq2seq --
-def reverse_rows(words):
-    return [{"question": w, "answer": w[::-1]} for w in words]
+def s2s_target(word):
+    return {"a": "x y z", "b": "z y x"}.get(word[0], "y x z")
+
+
+def s2s_rows(words):
+    return [{"question": w, "answer": s2s_target(w)} for w in words]
+
+
+def rouge_l_by_hand(pred, ref):
+    """LCS F1 over lower-cased alphanumeric tokens (rouge-score's default tokenizer)."""
+    import re
+
+    a, b = re.findall(r"[a-z0-9]+", pred.lower()), re.findall(r"[a-z0-9]+", ref.lower())
+    if not a or not b:
+        return 0.0
+    lcs = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
+    for i, x in enumerate(a):
+        for j, y in enumerate(b):
+            lcs[i + 1][j + 1] = lcs[i][j] + 1 if x == y else max(lcs[i][j + 1], lcs[i + 1][j])
+    n = lcs[-1][-1]
+    return 0.0 if n == 0 else 2 * n / (len(a) + len(b))
 
 
 def test_seq2seq(t5_dir, tmp_path, capsys):
     words = ["abc", "cab", "bca", "aab", "bba", "cca", "acb", "bac"]
-    train = write_jsonl(tmp_path / "train.jsonl", reverse_rows(words))
-    val = write_jsonl(tmp_path / "val.jsonl", reverse_rows(["abb", "cba", "bcc"]))
+    held_out = ["abb", "cba", "bcc"]
+    train = write_jsonl(tmp_path / "train.jsonl", s2s_rows(words))
+    val = write_jsonl(tmp_path / "val.jsonl", s2s_rows(held_out))
     out = tmp_path / "run"
+    # full fine-tuning: a random tiny T5 learns this mapping within seconds only that way
     assert main(["train", "--task", "seq2seq", "--model", str(t5_dir), "--data", str(train),
                  "--eval-data", str(val), "--column", "question=source",
-                 "--column", "answer=target", "--out", str(out), "--r", "4",
-                 "--target-modules", "q,v,wo", "--epochs", "3", "--batch-size", "4",
-                 "--lr", "0.02", "--max-new-tokens", "5", *COMMON]) == 0
+                 "--column", "answer=target", "--out", str(out), "--method", "full",
+                 "--epochs", "15", "--batch-size", "4", "--lr", "0.01",
+                 "--max-new-tokens", "6", *COMMON]) == 0
     report = run_eval(capsys, "--model", str(t5_dir), "--delta", str(out / "adapter"),
                       "--data", str(val), "--column", "question=source",
                       "--column", "answer=target")
     got = report["with_delta"]
     run = yaml.safe_load((out / "run.yaml").read_text())
     assert got["loss"] == pytest.approx(run["result"]["final_eval"]["loss"], rel=1e-5)
+    assert got["rouge_l"] == pytest.approx(run["result"]["final_eval"]["rouge_l"])
     from transformers import T5ForConditionalGeneration
 
     dm = dt.load(T5ForConditionalGeneration.from_pretrained(t5_dir), out / "adapter")
     tok = char_tokenizer()
     nll, count, preds = 0.0, 0, []
-    refs = [w[::-1] for w in ["abb", "cba", "bcc"]]
+    refs = [s2s_target(w) for w in held_out]
     with torch.no_grad():
-        for src, ref in zip(["abb", "cba", "bcc"], refs):
+        for src, ref in zip(held_out, refs):
             ids = torch.tensor([ids_of(src)])
             target = torch.tensor([[*ids_of(ref), tok.eos_token_id]])
             logp = torch.log_softmax(dm(input_ids=ids, labels=target).logits[0], -1)
             nll -= float(logp.gather(1, target[0, :, None]).sum())
             count += target.shape[1]
-            gen = dm.generate(input_ids=ids, max_new_tokens=5, do_sample=False,
+            gen = dm.generate(input_ids=ids, max_new_tokens=6, do_sample=False,
                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
             preds.append(tok.decode(gen[0].tolist(), skip_special_tokens=True).strip())
     assert got["loss"] == pytest.approx(nll / count, rel=1e-5)
     assert got["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
     assert got["exact_match"] == pytest.approx(sum(p == r for p, r in zip(preds, refs)) / 3)
+    rouge = sum(map(rouge_l_by_hand, preds, refs)) / 3
+    assert got["rouge_l"] == pytest.approx(rouge)
+    assert rouge > 0.3  # it learned part of the mapping
     import sacrebleu
 
     assert got["bleu"] == pytest.approx(sacrebleu.corpus_bleu(preds, [refs]).score)  # 0-100
@@ -354,3 +379,21 @@ def test_task_errors_are_clear(bert_dir, llama_dir, tmp_path, capsys):
     assert main(["train", "--task", "sequence-classification", "--column", "review=text",
                  "--mix-general", str(train), *base]) == 2
     assert "--mix-general mixes raw text into causal-LM training" in capsys.readouterr().err
+
+
+# -- SFT packing from the command line --
+def test_sft_packing_flag(llama_dir, tmp_path, capsys):
+    rows = [{"prompt": f"w{i}", "response": "ab" * (1 + i % 3)} for i in range(10)]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(llama_dir), "--data", str(train), "--out", str(out),
+                 "--val-fraction", "0", "--r", "2", "--epochs", "1", "--batch-size", "2",
+                 "--max-length", "32", "--packing", *COMMON]) == 0
+    assert "packed from 10 examples" in capsys.readouterr().out
+    run = yaml.safe_load((out / "run.yaml").read_text())
+    assert run["train"]["packing"] is True
+    # "wN\n" + response + eos: 4 + 2k tokens (k = 1, 2, 3); 78 tokens fit in 3 rows of 32
+    lengths = [4 + 2 * (1 + i % 3) for i in range(10)]
+    assert sum(lengths) == 78 and run["result"]["packed_from"] == 10
+    assert run["result"]["train_rows"] == math.ceil(78 / 32) == 3
+    assert run["result"]["steps"] == 2

@@ -223,6 +223,7 @@ def test_packed_training_run_learns_and_resume_refuses_a_packing_change(tmp_path
                       progress=False, packing=True, save_every=1)
     result = Trainer(model("sdpa"), sft(), ROWS, None, cfg).fit()
     assert len(result.history) == 9  # 6 rows, 2 per step, 3 epochs
+    assert result.summary()["train_rows"] == 6 and result.summary()["packed_from"] == 10
     # mean loss per token over each epoch (every epoch sees every example once)
     epochs = [result.history[i:i + 3] for i in (0, 3, 6)]
     mean = [sum(h["loss"] * h["items"] for h in e) / sum(h["items"] for h in e)

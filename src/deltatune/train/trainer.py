@@ -104,6 +104,9 @@ class TrainResult:
     seconds: float
     resumed_from: Path | None = None
     notes: list[str] = field(default_factory=list)
+    # training rows, and how many examples they were packed from (None: no packing)
+    train_rows: int | None = None
+    packed_from: int | None = None
 
     @property
     def final_loss(self) -> float | None:
@@ -119,7 +122,8 @@ class TrainResult:
                 "skipped_steps": self.skipped_steps, "seconds": round(self.seconds, 2),
                 "delta_dir": str(self.delta_dir) if self.delta_dir else None,
                 "best_dir": str(self.best_dir) if self.best_dir else None,
-                "resumed_from": str(self.resumed_from) if self.resumed_from else None}
+                "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+                "train_rows": self.train_rows, "packed_from": self.packed_from}
 
 
 def lr_factor(step: int, total: int, config: TrainConfig) -> float:
@@ -748,7 +752,8 @@ class Trainer:
                            history=self.history, evals=self.evals, final_eval=final_eval,
                            best=self.best, delta_dir=delta_dir, best_dir=best_dir,
                            checkpoint=self.last_checkpoint, skipped_steps=self.skipped_steps,
-                           seconds=seconds, resumed_from=resumed_from, notes=notes)
+                           seconds=seconds, resumed_from=resumed_from, notes=notes,
+                           train_rows=len(self.train_examples), packed_from=self.packed_from)
 
     # -- signals ------------------------------------------------------------------------------
     def _install_signals(self) -> dict[int, Any] | None:
