@@ -127,11 +127,17 @@ def run(args: argparse.Namespace) -> int:
             results[method] = done[method]
             continue
         start = time.perf_counter()
+
+        def save_progress(so_far, method=method):
+            # an unfinished method is saved too (not reused on resume: too few rounds)
+            write_results({**results, method: so_far}, settings, out, seconds=seconds,
+                          lrs={m: _lr(args, m) for m in [*results, method]})
+
         records, _ = run_federated(
             method, task.make_model, task.train, task.test, clients=settings["clients"],
             rounds=settings["rounds"], local_epochs=args.local_epochs, non_iid=args.non_iid,
             lr=_lr(args, method), r=args.rank, batch_size=args.batch_size, seed=args.seed,
-            progress=not args.no_progress)
+            progress=not args.no_progress, on_round=save_progress)
         seconds[method] = time.perf_counter() - start
         results[method] = records
         # written after every method, so an interrupted comparison resumes from here
