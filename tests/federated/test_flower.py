@@ -115,3 +115,22 @@ def test_client_update_depends_only_on_seed_and_round():
         client = DeltaClient("0", model, "lora", train, test, batch_size=8, seed=3)
         uploads.append(unpack(client.fit([], {"round": 2})[0]))
     assert all(torch.equal(uploads[0][k], uploads[1][k]) for k in uploads[0])
+
+
+def test_on_round_sees_every_round_and_unfinished_runs_are_not_reused(tmp_path):
+    from deltatune.cli.federate import _reusable
+    from deltatune.federated.report import write_results
+
+    train, test = _data()
+    seen: list[list[int]] = []
+    settings = {"task": "toy", "rounds": 2, "clients": 2, "methods": "lora"}
+    # saved after round 1 only: an interrupted run, which a resume must not reuse
+    records, _ = run_federated("lora", lambda: tiny_bert(seed=0), train, test, clients=2,
+                               rounds=2, batch_size=8,
+                               on_round=lambda recs: seen.append([r.round for r in recs]))
+    assert seen == [[1], [1, 2]]
+    write_results({"lora": records[:1]}, settings, tmp_path)
+    assert _reusable(tmp_path, settings) == ({}, {})
+    write_results({"lora": records}, settings, tmp_path, seconds={"lora": 1.5})
+    done, seconds = _reusable(tmp_path, settings)
+    assert done["lora"] == records and seconds == {"lora": 1.5}

@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--clients", type=int, default=None,
                    help="number of clients (sentiment/tweets 8, toy 4)")
     p.add_argument("--rounds", type=int, default=None,
-                   help="federated rounds (sentiment/tweets 8, toy 3)")
+                   help="federated rounds (sentiment/tweets 6, toy 3)")
     p.add_argument("--local-epochs", type=int, default=1, help="local epochs per round")
     p.add_argument("--non-iid", type=float, default=None, metavar="ALPHA",
                    help="Dirichlet label-skew alpha (small = more skew); default IID")
@@ -43,9 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="local AdamW learning rate for every method (default: real tasks "
                         "full 1e-4, lora/fedpara/pfedpara 1e-3; toy 3e-3)")
     p.add_argument("--examples", type=int, default=None,
-                   help="training examples in total (sentiment 800, tweets 900, toy 800)")
+                   help="training examples in total (sentiment 480, tweets 600, toy 800)")
     p.add_argument("--test-examples", type=int, default=None,
-                   help="server test examples (sentiment 200, tweets 300, toy 200)")
+                   help="server test examples (sentiment 160, tweets 180, toy 200)")
     p.add_argument("--max-length", type=int, default=None,
                    help="tokens per text (sentiment 32, tweets 40, toy 16)")
     p.add_argument("--batch-size", type=int, default=16, help="local batch size")
@@ -127,11 +127,17 @@ def run(args: argparse.Namespace) -> int:
             results[method] = done[method]
             continue
         start = time.perf_counter()
+
+        def save_progress(so_far, method=method):
+            # an unfinished method is saved too (not reused on resume: too few rounds)
+            write_results({**results, method: so_far}, settings, out, seconds=seconds,
+                          lrs={m: _lr(args, m) for m in [*results, method]})
+
         records, _ = run_federated(
             method, task.make_model, task.train, task.test, clients=settings["clients"],
             rounds=settings["rounds"], local_epochs=args.local_epochs, non_iid=args.non_iid,
             lr=_lr(args, method), r=args.rank, batch_size=args.batch_size, seed=args.seed,
-            progress=not args.no_progress)
+            progress=not args.no_progress, on_round=save_progress)
         seconds[method] = time.perf_counter() - start
         results[method] = records
         # written after every method, so an interrupted comparison resumes from here

@@ -138,6 +138,7 @@ def run_federated(method: str, make_model: Callable[[], nn.Module],
                   non_iid: float | None = None, lr: float = 3e-3, r: int = 4,
                   batch_size: int = 16, seed: int = 0, progress: bool = False,
                   faults: dict[int, Callable[[Any], Any]] | None = None,
+                  on_round: Callable[[list[RoundRecord]], None] | None = None,
                   ) -> tuple[list[RoundRecord], list[DeltaClient]]:
     """Run FedAvg for ``rounds`` rounds; return the per-round records and the clients.
 
@@ -148,6 +149,7 @@ def run_federated(method: str, make_model: Callable[[], nn.Module],
     own test shards after receiving the round's global tensors (pFedPara: with their own
     W2). Bytes down count the payload once per
     client. ``faults`` maps a client index to a function applied to its update (tests).
+    ``on_round`` is called with the records so far after every round (to save progress).
     """
     base = make_model()
     fleet = []
@@ -188,4 +190,6 @@ def run_federated(method: str, make_model: Callable[[], nn.Module],
             [f"client {x.client}: {x.reason}" for x in strategy.rejections]))
         bar.set_postfix(acc=f"{records[-1].accuracy:.3f}",
                         clients=f"{records[-1].mean_client_accuracy:.3f}")
+        if on_round is not None:
+            on_round(records)
     return records, fleet
