@@ -109,6 +109,8 @@ class DeltaModel(WrapperModule):
         self._deltas: dict[str, AttachedDelta] = {}
         self._active: list[str] = []
         self._disabled = False
+        # delta name -> {layer: output deviation} of merges into quantized weights.
+        self.lossy_merges: dict[str, dict[str, dict[str, float]]] = {}
         if freeze_base:
             for p in model.parameters():
                 p.requires_grad_(False)
@@ -304,12 +306,16 @@ class DeltaModel(WrapperModule):
                 module.disabled = disabled
 
     # -- merging --------------------------------------------------------------------
-    def merge(self, *names: str, check: bool = True, keep_original: bool = True) -> None:
+    def merge(self, *names: str, check: bool = True, keep_original: bool = True,
+              allow_lossy_merge: bool = False) -> None:
         """Fold deltas (default: the active ones) into the base weights.
 
         ``check`` refuses non-finite results and compares merged with unmerged outputs
         on a probe batch; on any failure nothing changes. ``keep_original`` keeps a CPU
         copy of each changed tensor so :meth:`unmerge` restores the base bit for bit.
+        Merging into fake-quantized weights is refused (the error gives the measured
+        output deviation) unless ``allow_lossy_merge``; the deviation per layer then goes
+        to ``get_delta(name).info["lossy_merge"]`` and :attr:`lossy_merges`.
         """
         targets = self._mergeable(names)
         for n in targets:
@@ -318,7 +324,8 @@ class DeltaModel(WrapperModule):
                                  f"({', '.join(self._deltas[n].info['copies'])}); use "
                                  f"merge_and_unload()")
         for n in targets:
-            self._merge_one(n, check=check, keep_original=keep_original)
+            self._merge_one(n, check=check, keep_original=keep_original,
+                            allow_lossy=allow_lossy_merge)
 
     def _mergeable(self, names: Sequence[str]) -> list[str]:
         targets = list(names) or list(self._active)
@@ -331,7 +338,8 @@ class DeltaModel(WrapperModule):
                                  f"base weights: its computation is not a change of weights")
         return targets
 
-    def _merge_one(self, name: str, *, check: bool, keep_original: bool) -> None:
+    def _merge_one(self, name: str, *, check: bool, keep_original: bool,
+                   allow_lossy: bool = False) -> None:
         delta = self._deltas[name]
         if delta.merged:
             warnings.warn(f"delta {name!r} is already merged; merge() did nothing", stacklevel=3)
@@ -340,8 +348,20 @@ class DeltaModel(WrapperModule):
         if name not in self._active:
             self.activate(*self._active, name)
         delta.method.merge(self.model, self._layer_parts(delta), check=check,
-                           keep_original=keep_original)
+                           keep_original=keep_original, allow_lossy=allow_lossy)
         delta.merged = True
+        lossy = {loc: dict(module.lossy[name]) for loc in self._layer_parts(delta).parts
+                 if isinstance(module := get_submodule(self.model, loc) if loc else None,
+                               DeltaLayer) and name in module.lossy}
+        if lossy:
+            delta.info["lossy_merge"] = lossy
+            self.lossy_merges[name] = lossy
+            worst = max(lossy.items(), key=lambda kv: kv[1]["max_rel"])
+            warnings.warn(f"lossy merge of delta {name!r} into quantized weights: output "
+                          f"deviation on a probe batch up to {worst[1]['max_abs']:.3g} "
+                          f"({worst[1]['max_rel']:.2%} of the largest output) at {worst[0]}, "
+                          f"over {len(lossy)} layer(s); recorded in lossy_merges",
+                          stacklevel=3)
 
     def _refuse_tied(self, delta: AttachedDelta) -> None:
         """Refuse to merge into a weight another module shares (tied embeddings and heads).
@@ -384,16 +404,22 @@ class DeltaModel(WrapperModule):
             if delta.merged:
                 delta.method.unmerge(self.model, self._layer_parts(delta))
                 delta.merged = False
+                delta.info.pop("lossy_merge", None)
+                self.lossy_merges.pop(n, None)
 
-    def merge_and_unload(self, *names: str, check: bool = True) -> nn.Module:
+    def merge_and_unload(self, *names: str, check: bool = True,
+                         allow_lossy_merge: bool = False) -> nn.Module:
         """Merge deltas (default: active) for good and return the plain base model.
 
         Module copies of the merged delta (a trained task head) replace the originals.
+        ``allow_lossy_merge`` as in :meth:`merge`; the measured deviations stay in
+        :attr:`lossy_merges` after the deltas are gone.
         """
         targets = self._mergeable(names)
         for n in targets:
             if not self._deltas[n].merged:
-                self._merge_one(n, check=check, keep_original=False)
+                self._merge_one(n, check=check, keep_original=False,
+                                allow_lossy=allow_lossy_merge)
         for location in {loc for n in targets for loc in self._deltas[n].info["copies"]}:
             holder = get_submodule(self.model, location)
             owner = next(n for n in targets if n in holder.copies)

@@ -169,7 +169,7 @@ class FullFineTune(DeltaMethod):
         return plain_tensors(model)
 
     def merge(self, model: nn.Module, delta: AttachedDelta, *, check: bool,
-              keep_original: bool) -> None:
+              keep_original: bool, allow_lossy: bool = False) -> None:
         # The trained weights already are the model's; nothing to fold in.
         if not keep_original:
             self._original = None
