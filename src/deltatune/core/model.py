@@ -420,9 +420,23 @@ class DeltaModel(WrapperModule):
             if not self._deltas[n].merged:
                 self._merge_one(n, check=check, keep_original=False,
                                 allow_lossy=allow_lossy_merge)
-        for location in {loc for n in targets for loc in self._deltas[n].info["copies"]}:
+        # Deltas left unmerged are taken out the regular way, so that their methods remove
+        # what they put into the model (hooks of parallel adapters, prompt holders,
+        # wrappers): the returned model must hold nothing of deltatune.
+        dropped = [n for n, d in self._deltas.items() if not d.merged]
+        for n in dropped:
+            self.delete(n)
+        if dropped:
+            warnings.warn(f"merge_and_unload removed delta(s) {', '.join(map(repr, dropped))}: "
+                          f"they were not merged (merge_and_unload({', '.join(map(repr, targets))})"
+                          f" merges only these)", stacklevel=2)
+        kept = list(self._deltas)
+        for n in kept:
+            delta = self._deltas[n]
+            delta.method.release(self.model, self._layer_parts(delta))
+        for location in {loc for n in kept for loc in self._deltas[n].info["copies"]}:
             holder = get_submodule(self.model, location)
-            owner = next(n for n in targets if n in holder.copies)
+            owner = next(n for n in kept if n in holder.copies)
             set_submodule(self.model, location, holder.copies[owner])
         for location, module in list(self.model.named_modules()):
             if isinstance(module, DeltaLayer):
@@ -533,18 +547,25 @@ class DeltaModel(WrapperModule):
         return [p for p in self.parameters() if p.requires_grad]
 
     def describe_parameters(self) -> str:
-        """Return a one-line summary per delta plus the total trainable share."""
-        base = self.base_parameter_count()
-        lines = [f"{r.name} ({r.method}): {r.parameters:,} parameters = {r.percent_of_base:.4f}% "
-                 f"of {base:,}" + ("" if r.active else " [inactive]")
-                 for r in self.parameter_report()]
-        trainable = sum(p.numel() for p in self.trainable_parameters())
+        """Return one line: the trainable count and share of all parameters, then each delta.
+
+        ``trainable: T of N (P%); delta: name (method) count`` where N counts every
+        parameter the model holds (base plus every attached delta, active or not, as
+        PEFT's "all params" does; a delta that trains the base adds none) and P = T / N.
+        Several deltas are listed after ``deltas:``, marked ``[inactive]`` or ``[frozen]``.
+        """
+        rows = self.parameter_report()
         ids = self.delta_parameter_ids()
-        extra = sum(p.numel() for p in self.trainable_parameters() if id(p) in ids)
-        total = base + extra  # a delta that trains the base adds nothing to the total
-        lines.append(f"trainable: {trainable:,} of {total:,} "
-                     f"({100.0 * trainable / max(total, 1):.4f}%)")
-        return "\n".join(lines)
+        total = self.base_parameter_count() + sum(
+            p.numel() for p in self.parameters() if id(p) in ids)
+        trainable = sum(p.numel() for p in self.trainable_parameters())
+        parts = [f"{r.name} ({r.method}) {r.parameters:,}"
+                 + ("" if r.active else " [inactive]")
+                 + ("" if r.trainable or not r.active else " [frozen]") for r in rows]
+        text = f"trainable: {trainable:,} of {total:,} ({100.0 * trainable / max(total, 1):.4f}%)"
+        if parts:
+            text += f"; {'delta' if len(parts) == 1 else 'deltas'}: {', '.join(parts)}"
+        return text
 
     def print_trainable_parameters(self) -> None:
         """Print :meth:`describe_parameters`."""

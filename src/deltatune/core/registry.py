@@ -123,6 +123,10 @@ class DeltaMethod:
         raise DeltaStateError(f"method {self.name!r} cannot be merged into the base weights: "
                               f"its delta is not a change of existing weights")
 
+    def release(self, model: nn.Module, delta: AttachedDelta) -> None:
+        """Drop what the method added to ``model`` outside the layers it wraps (hooks...),
+        keeping the merged weights; called by ``merge_and_unload``. Default: nothing."""
+
     def unmerge(self, model: nn.Module, delta: AttachedDelta) -> None:
         """Take a merged delta back out of the base weights."""
         raise DeltaStateError(f"method {self.name!r} has nothing merged")
