@@ -11,8 +11,6 @@ leave the model working.
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 

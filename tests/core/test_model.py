@@ -146,5 +146,5 @@ def test_describe_parameters_is_one_coherent_line():
     assert total == 28_128
     dm.set_trainable("default", False)
     assert dm.describe_parameters() == (
-        f"trainable: 0 of 28,128 (0.0000%); deltas: default (lora) 448 [frozen], "
-        f"b (lora) 896 [inactive]")
+        "trainable: 0 of 28,128 (0.0000%); deltas: default (lora) 448 [frozen], "
+        "b (lora) 896 [inactive]")
