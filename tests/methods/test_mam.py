@@ -8,13 +8,9 @@ import torch
 import deltatune as dt
 from deltatune.core.errors import ConfigError, MergeError
 from tests.conftest import FACTORIES, model_inputs, randomize_deltas, tiny_llama
+from tests.helpers import logits
 
 SMALL = dict(prefix_length=3, bottleneck_size=8, reparam_hidden=8)
-
-
-def logits(model, inputs):
-    with torch.no_grad():
-        return model(**inputs).logits
 
 
 def test_paper_defaults():
