@@ -122,3 +122,29 @@ def test_extra_loss_is_added_in_training_mode():
     plain = dm(input_ids=ids, labels=ids).loss
     dm.train()
     assert dm(input_ids=ids, labels=ids).loss.item() == pytest.approx(plain.item() + 5.0)
+
+
+def test_describe_parameters_is_one_coherent_line():
+    # Counted by hand: tiny Llama has 26,784 parameters; LoRA r on q_proj (32 -> 32) and
+    # v_proj (32 -> 16, 2 kv heads of 8) of 2 layers has 2 * r * ((32 + 32) + (32 + 16)).
+    base = sum(p.numel() for p in tiny_llama().parameters())
+    assert base == 26_784
+    lora_a, lora_b = 2 * 2 * (64 + 48), 2 * 4 * (64 + 48)
+    dm = dt.DeltaModel(tiny_llama())
+    dm.add("default", dt.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    text = dm.describe_parameters()
+    assert text == "trainable: 448 of 27,232 (1.6451%); delta: default (lora) 448"
+    assert (lora_a, base + lora_a) == (448, 27_232) and f"{100 * 448 / 27_232:.4f}" == "1.6451"
+    assert "\n" not in text
+    # Several deltas: every parameter the model holds counts, inactive ones too (as PEFT's
+    # "all params"); the share is of that one total, and each delta is listed.
+    dm.add("b", dt.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), activate=False)
+    total = base + lora_a + lora_b
+    assert dm.describe_parameters() == (
+        f"trainable: 448 of {total:,} ({100 * 448 / total:.4f}%); "
+        f"deltas: default (lora) 448, b (lora) {lora_b:,} [inactive]")
+    assert total == 28_128
+    dm.set_trainable("default", False)
+    assert dm.describe_parameters() == (
+        "trainable: 0 of 28,128 (0.0000%); deltas: default (lora) 448 [frozen], "
+        "b (lora) 896 [inactive]")

@@ -17,7 +17,7 @@ P = 4
 def _peft(arch, kind, seed=5, **kwargs):
     import peft
 
-    task = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS",
+    task = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "neox": "CAUSAL_LM", "bert": "SEQ_CLS",
             "t5": "SEQ_2_SEQ_LM"}[arch]
     cls = {"prompt": peft.PromptTuningConfig, "prefix": peft.PrefixTuningConfig}[kind]
     with warnings.catch_warnings():
@@ -68,7 +68,7 @@ def test_prompt_tuning_peft_to_ours_and_back(arch, tmp_path):
     assert (_peft_out(theirs, arch) - ours).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "neox"])
 @pytest.mark.parametrize("projection", [False, True])
 def test_prefix_tuning_peft_to_ours_and_back(arch, projection, tmp_path):
     from peft import PeftModel

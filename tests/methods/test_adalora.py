@@ -11,11 +11,7 @@ from deltatune.core.errors import ConfigError, DeltaStateError, HyperparameterEr
 from deltatune.methods.adalora import AdaLoraCallback, budget_at
 from deltatune.plotting.rank_heatmap import format_rank_table, plot_rank_heatmap, rank_grid
 from tests.conftest import FACTORIES, model_inputs, randomize_deltas, tiny_llama, tiny_t5
-
-
-def logits(model, inputs):
-    with torch.no_grad():
-        return model(**inputs).logits
+from tests.helpers import logits
 
 
 def test_identity_at_init(arch):

@@ -18,6 +18,7 @@ from tests.conftest import (
     tiny_gpt2,
     tiny_llama,
 )
+from tests.helpers import logits
 
 ZERO_INIT = {
     "pfeiffer": dt.PfeifferConfig(),
@@ -28,11 +29,6 @@ ZERO_INIT = {
     "unified_gate": dt.UnifiedConfig(composition="gate", bottleneck_size=8,
                                      modified_representation=["attention", "ffn"]),
 }
-
-
-def logits(model, inputs):
-    with torch.no_grad():
-        return model(**inputs).logits
 
 
 def test_zero_up_adapters_are_the_identity_at_init(arch):

@@ -17,11 +17,7 @@ from tests.conftest import (
     tiny_llama,
     tiny_t5,
 )
-
-
-def logits(model, inputs):
-    with torch.no_grad():
-        return model(**inputs).logits
+from tests.helpers import logits
 
 
 def _train(dm, inputs, steps=2, lr=0.1):

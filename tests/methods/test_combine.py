@@ -8,11 +8,7 @@ import torch
 import deltatune as dt
 from deltatune.core.errors import ConfigError, DeltaStateError, HyperparameterError
 from tests.conftest import model_inputs, randomize_deltas, tiny_llama
-
-
-def logits(model, inputs):
-    with torch.no_grad():
-        return model(**inputs).logits
+from tests.helpers import logits, save_and_reload
 
 
 def dense(layer, name):
@@ -98,8 +94,7 @@ def test_saved_as_lora_and_independent_of_sources(tmp_path):
     dm.delete("a")
     dm.delete("b")
     assert torch.equal(logits(dm, inputs), expected)
-    dm.save_delta(tmp_path / "mix")
-    loaded = dt.load(tiny_llama(), tmp_path / "mix")
+    loaded = save_and_reload(dm, tmp_path / "mix", tiny_llama)
     assert loaded.get_delta("mix").config.method == "lora"
     assert torch.allclose(logits(loaded, inputs), expected, atol=1e-6)
 

@@ -10,13 +10,9 @@ from deltatune.core.errors import ConfigError, TargetError
 from deltatune.core.layers import DeltaLayer
 from deltatune.methods.ia3 import IA3Delta, IA3InputDelta
 from tests.conftest import FACTORIES, model_inputs, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
+from tests.helpers import logits, save_and_reload
 
 LAYOUT_ARCHS = ["llama", "gpt2", "bert", "t5", "neox", "opt", "bart", "roberta"]
-
-
-def logits(model, inputs):
-    with torch.no_grad():
-        return model(**inputs).logits
 
 
 def randomize(dm, seed=3):
@@ -136,8 +132,7 @@ def test_save_load_roundtrip_and_parameter_count(tmp_path):
     # Per T5 block: k and v (32 units each) per attention, l_ff (64) per FFN.
     # encoder: 2 x (2*32 + 64); decoder: 2 x (2*(2*32) + 64)
     assert dm.parameter_report()[0].parameters == 2 * (64 + 64) + 2 * (128 + 64)
-    dm.save_delta(tmp_path / "d")
-    loaded = dt.load(tiny_t5(), tmp_path / "d")
+    loaded = save_and_reload(dm, tmp_path / "d", tiny_t5)
     assert torch.equal(logits(loaded, inputs), expected)
 
 

@@ -11,6 +11,7 @@ from deltatune.core.errors import ConfigError, DataError
 from deltatune.demonstrations import DemonstrationPool, icl_predict_choices
 from deltatune.methods.ipt import ipt_inputs
 from tests.conftest import tiny_llama
+from tests.helpers import save_and_reload
 
 WORDS = ["cat", "dog", "sat", "ran", "fast", "slow", "red", "blue", "big", "small", "Input:",
          "Output:", "yes", "no"]
@@ -87,8 +88,7 @@ def test_ipt_is_a_soft_prompt_before_demonstrations_and_input(tmp_path):
         ref = dm.model(inputs_embeds=torch.cat(
             [prompt[None], dm.model.get_input_embeddings()(ids)], 1)).logits[:, 3:]
     torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-6)
-    dm.save_delta(tmp_path / "ipt")
-    loaded = dt.load(tiny_llama(), tmp_path / "ipt")
+    loaded = save_and_reload(dm, tmp_path / "ipt", tiny_llama)
     assert loaded.get_delta("default").config.method == "ipt"
     assert loaded.get_delta("default").config.num_demonstrations == 1
     torch.testing.assert_close(loaded(input_ids=ids).logits, ours)

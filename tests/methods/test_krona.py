@@ -17,13 +17,9 @@ from tests.conftest import (
     tiny_llama,
     tiny_opt,
 )
+from tests.helpers import logits, save_and_reload
 
 ALL = dict(target_modules="all-linear")
-
-
-def logits(model, inputs):
-    with torch.no_grad():
-        return model(**inputs).logits
 
 
 @pytest.mark.parametrize(("a", "b"), [((2, 3), (4, 5)), ((1, 6), (7, 2)), ((3, 3), (3, 3))])
@@ -96,8 +92,7 @@ def test_save_load_roundtrip(tmp_path):
     randomize_deltas(dm, std=0.2)
     inputs = model_inputs("gpt2")
     expected = logits(dm, inputs)
-    dm.save_delta(tmp_path / "d")
-    loaded = dt.load(tiny_gpt2(), tmp_path / "d")
+    loaded = save_and_reload(dm, tmp_path / "d", tiny_gpt2)
     saved, back = dm.delta_state_dict(), loaded.delta_state_dict()
     assert all(torch.equal(saved[k], back[k]) for k in saved) and set(saved) == set(back)
     # Same tensors; the batched matmul may round differently with another memory alignment.
@@ -161,8 +156,7 @@ def test_kronab_save_load_delete_and_train(tmp_path):
     inputs = model_inputs("llama")
     dm.eval()
     expected = logits(dm, inputs)
-    dm.save_delta(tmp_path / "d")
-    loaded = dt.load(tiny_llama(), tmp_path / "d")
+    loaded = save_and_reload(dm, tmp_path / "d", tiny_llama)
     assert torch.allclose(logits(loaded, inputs), expected, rtol=0, atol=1e-6)
     loaded.delete("default")
     assert not any(isinstance(m, ParallelBlock) for m in loaded.model.modules())

@@ -11,13 +11,9 @@ from deltatune.core.errors import ConfigError, HyperparameterError
 from deltatune.core.layers import DeltaLayer
 from deltatune.methods.loha import split_global_local
 from tests.conftest import FACTORIES, model_inputs, randomize_deltas, tiny_gpt2, tiny_llama
+from tests.helpers import logits, save_and_reload
 
 ALL = dict(target_modules="all-linear", r=2)
-
-
-def logits(model, inputs):
-    with torch.no_grad():
-        return model(**inputs).logits
 
 
 def test_identity_at_init(arch):
@@ -100,8 +96,7 @@ def test_save_load_roundtrip(tmp_path):
     randomize_deltas(dm, std=0.3)
     inputs = model_inputs("gpt2")
     expected = logits(dm, inputs)
-    dm.save_delta(tmp_path / "d")
-    loaded = dt.load(tiny_gpt2(), tmp_path / "d")
+    loaded = save_and_reload(dm, tmp_path / "d", tiny_gpt2)
     assert loaded.get_delta("default").config.mode == "pfedpara"
     assert torch.equal(logits(loaded, inputs), expected)
 

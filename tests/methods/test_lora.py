@@ -17,13 +17,9 @@ from deltatune.core.errors import (
     TargetError,
 )
 from tests.conftest import FACTORIES, model_inputs, randomize_deltas, tiny_gpt2, tiny_llama
+from tests.helpers import logits, save_and_reload
 
 ALL_LINEAR = dt.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
-
-
-def logits(model, inputs):
-    with torch.no_grad():
-        return model(**inputs).logits
 
 
 def test_zero_init_is_identity_on_every_architecture(arch):
@@ -89,8 +85,7 @@ def test_save_then_load_reproduces_outputs(tmp_path, arch):
     randomize_deltas(dm, std=0.2)
     inputs = model_inputs(arch)
     expected = logits(dm, inputs)
-    dm.save_delta(tmp_path / "d")
-    loaded = dt.load(FACTORIES[arch](), tmp_path / "d")
+    loaded = save_and_reload(dm, tmp_path / "d", FACTORIES[arch])
     assert torch.equal(logits(loaded, inputs), expected)
     assert {p.requires_grad for p in loaded.get_delta("default").parameters()} == {False}
 

@@ -17,6 +17,7 @@ from tests.conftest import (
     tiny_roberta,
     tiny_t5,
 )
+from tests.helpers import save_and_reload
 
 L = 4
 ROWS = [[5, 9, 17, 33, 8, 41], [12, 70, 3]]
@@ -171,8 +172,7 @@ def test_save_load_roundtrip(tmp_path, factory):
     ids = torch.tensor([ROWS[0]])
     extra = {"decoder_input_ids": ids[:, :2]} if factory is tiny_t5 else {}
     before = dm(input_ids=ids, **extra).logits
-    dm.save_delta(tmp_path / "p")
-    loaded = dt.load(factory(), tmp_path / "p")
+    loaded = save_and_reload(dm, tmp_path / "p", factory)
     assert set(dt.read_delta_directory(tmp_path / "p").tensors) == {"prompt"}
     torch.testing.assert_close(loaded(input_ids=ids, **extra).logits, before)
 

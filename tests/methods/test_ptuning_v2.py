@@ -8,6 +8,7 @@ import torch
 import deltatune as dt
 from deltatune.core.errors import DeltaStateError
 from tests.conftest import VOCAB, randomize_deltas, tiny_bert, tiny_roberta
+from tests.helpers import save_and_reload
 
 
 def _train(dm, batch, steps=30, lr=5e-2):
@@ -73,8 +74,7 @@ def test_reparameterised_variant_saves_plain_prompts(tmp_path):
     randomize_deltas(dm, std=0.3)
     ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(3))
     before = dm(input_ids=ids).logits
-    dm.save_delta(tmp_path / "v2")
-    loaded = dt.load(tiny_bert(), tmp_path / "v2")
+    loaded = save_and_reload(dm, tmp_path / "v2", tiny_bert)
     assert loaded.get_delta("default").config.reparameterize is False
     torch.testing.assert_close(loaded(input_ids=ids).logits, before, atol=1e-6, rtol=1e-6)
 

@@ -50,8 +50,10 @@ def main() -> int:
     try:
         trainer.fit()
     except TrainingInterrupted as exc:
+        print(exc, file=sys.stderr)
         print(json.dumps({"checkpoint": str(exc.checkpoint), "exit_code": exc.exit_code,
-                          "step": trainer.step, "micro": trainer.micro}))
+                          "immediate": exc.immediate, "step": trainer.step,
+                          "micro": trainer.micro}))
         return exc.exit_code
     print(json.dumps({"checkpoint": None, "completed": True}))
     return 0

@@ -294,6 +294,9 @@ def run(args: argparse.Namespace) -> int:
     delta_config = config_from_dict(method)
     task = task_setup.build_task(task_name, tokenizer, model, opts)
     dm = DeltaModel(model)
+    # The delta's random init (LoRA's A, ...) comes from the run's seed, so one run file
+    # always trains the same weights: a resumed run and a fresh one are bit-equal on CPU.
+    torch.manual_seed(config.seed)
     dm.add(run_desc["name"], delta_config)
     print(dm.describe_parameters())
     train_data: Any = train_rows
@@ -317,18 +320,39 @@ def run(args: argparse.Namespace) -> int:
              if trainer.eval_examples is not None else "; no evaluation data"))
     out = Path(config.output_dir)
     run_desc["deltatune_version"] = __version__
+    # Written before training, so the resume command below works even after a hard stop.
+    write_run_file(out / RUN_FILE, run_desc)
     try:
         result = trainer.fit(resume=args.resume)
     except TrainingInterrupted as exc:
-        write_run_file(out / RUN_FILE, run_desc)
-        print(f"\ninterrupted; checkpoint: {exc.checkpoint}\nresume with: deltatune train "
-              f"--config {out / RUN_FILE} --resume", file=sys.stderr)
+        print(_interrupted_message(exc, out), file=sys.stderr)
         return exc.exit_code
     run_desc["result"] = result.summary()
     write_run_file(out / RUN_FILE, run_desc)
     _print_summary(result)
     print(f"delta saved to {result.delta_dir}; run file {out / RUN_FILE}")
     return 0
+
+
+def _interrupted_message(exc: Any, out: Path) -> str:
+    """What an interrupted run tells the user: the checkpoint and the command to resume."""
+    import shlex
+
+    from deltatune.train.checkpoint import find_resumable
+    from deltatune.train.runfile import RUN_FILE
+
+    resume = f"resume with: deltatune train --config {shlex.quote(str(out / RUN_FILE))} --resume"
+    if not exc.immediate:
+        return f"\ninterrupted; checkpoint: {exc.checkpoint}\n{resume}"
+    # A second signal stopped the run mid-way: name the newest checkpoint that is complete
+    # (its manifest checks out), which is what --resume will pick.
+    import signal
+
+    stopped = f"second {signal.Signals(exc.signum).name}: stopped at once, nothing more written"
+    last, _ = find_resumable(out)
+    if last is None:
+        return f"\n{stopped}\nno complete checkpoint; run the same command again to start over"
+    return f"\n{stopped}\nlast complete checkpoint: {last}\n{resume}"
 
 
 def _print_summary(result: Any) -> None:

@@ -173,4 +173,16 @@ def render_merged_card(model: Any, deltas: list[dict[str, Any]], sources: dict[s
         lines += [f"Training data: {card['training_data']}.", ""]
     for key, value in (card.get("metrics") or {}).items():
         lines.append(f"- {key}: {value}")
+    lossy = card.get("lossy_merge") or {}
+    if lossy:
+        lines += ["", "## Lossy merge", "",
+                  "These deltas were merged into quantized weights (`allow_lossy_merge=True`): "
+                  "the layer re-quantizes the merged weight, so its output differs from the "
+                  "unmerged model. Measured per layer on a probe batch:", "",
+                  "| delta | layer | max abs deviation | mean abs deviation | max relative |",
+                  "|---|---|---|---|---|"]
+        for name, layers in lossy.items():
+            for layer, dev in layers.items():
+                lines.append(f"| {name} | `{layer}` | {dev['max_abs']:.4g} | "
+                             f"{dev['mean_abs']:.4g} | {dev['max_rel']:.4%} |")
     return "\n".join(lines) + "\n"

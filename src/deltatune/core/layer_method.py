@@ -87,12 +87,13 @@ class LayerMethod(DeltaMethod):
             layer.disabled = disabled
 
     def merge(self, model: nn.Module, delta: AttachedDelta, *, check: bool,
-              keep_original: bool) -> None:
+              keep_original: bool, allow_lossy: bool = False) -> None:
         done: list[DeltaLayer] = []
         try:
             for layer in self._layers(model, delta):
                 # Originals are kept until every layer merged, so a failure can be undone.
-                layer.merge(delta.name, check=check, keep_original=True)
+                layer.merge(delta.name, check=check, keep_original=True,
+                            allow_lossy=allow_lossy)
                 done.append(layer)
         except BaseException:
             # All layers or none: take back what this call merged.

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextvars
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
@@ -170,6 +170,33 @@ def _quantized(module: nn.Module) -> bool:
         or hasattr(module, "weight_fake_quant") or hasattr(weight, "quant_state")
 
 
+def _fake_quantized(module: nn.Module) -> bool:
+    """True for a layer that keeps a float weight and quantizes it in its forward.
+
+    (torch.ao QAT modules and anything else with a ``weight_fake_quant`` module.) A merged
+    float weight can be written back into such a layer; its forward then re-quantizes the
+    delta together with the weight, which is lossy but measurable.
+    """
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.Tensor) and weight.is_floating_point() and \
+        isinstance(getattr(module, "weight_fake_quant", None), nn.Module) and \
+        not hasattr(weight, "quant_state")
+
+
+@contextmanager
+def _frozen_observers(module: nn.Module) -> Iterator[None]:
+    """Run ``module`` without updating its fake-quant observers (a probe must not calibrate)."""
+    saved = [(m, m.observer_enabled.clone()) for m in module.modules()
+             if isinstance(getattr(m, "observer_enabled", None), torch.Tensor)]
+    try:
+        for m, _ in saved:
+            m.observer_enabled.fill_(0)
+        yield
+    finally:
+        for m, flag in saved:
+            m.observer_enabled.copy_(flag)
+
+
 class WrapperModule(nn.Module):
     """A module around another one that answers unknown attributes from the wrapped one.
 
@@ -202,6 +229,8 @@ class DeltaLayer(WrapperModule):
         self.kind = layer_kind(base)
         # Originals of merged tensors, kept to unmerge bit for bit (see merge()).
         self._originals: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        # delta name -> output deviation measured when it was merged into quantized weights.
+        self.lossy: dict[str, dict[str, float]] = {}
 
 
     # -- forward -------------------------------------------------------------------
@@ -266,13 +295,20 @@ class DeltaLayer(WrapperModule):
     def _weight_and_bias(self) -> tuple[nn.Parameter, nn.Parameter | None]:
         return self.base.weight, getattr(self.base, "bias", None)
 
-    def merge(self, name: str, *, check: bool = True, keep_original: bool = True) -> None:
+    def merge(self, name: str, *, check: bool = True, keep_original: bool = True,
+              allow_lossy: bool = False) -> None:
         """Fold delta ``name`` into the base weight (and bias) in the weight's own dtype.
 
         With ``check`` the merged tensors must be finite and the merged layer must give
         the unmerged output on a random probe batch, or nothing changes. With
         ``keep_original`` the pre-merge tensors are kept on the CPU so that
         :meth:`unmerge` restores them bit for bit.
+
+        A fake-quantized base (the layer quantizes its float weight in forward) is
+        refused unless ``allow_lossy``; either way the output deviation of the merge on
+        the probe batch is measured first and named (see :meth:`lossy_deviation`); when
+        allowed, it is kept in ``self.lossy[name]``. Weights stored in an integer or
+        packed 4/8-bit format are always refused: there is no float weight to write into.
         """
         if name in self.merged:
             return
@@ -280,24 +316,41 @@ class DeltaLayer(WrapperModule):
         if not delta.mergeable:
             raise MergeError(f"{type(delta).__name__} cannot be merged into the base weights")
         weight, bias = self._weight_and_bias()
-        if not weight.is_floating_point() or _quantized(self.base):
-            # Rounding a merged weight back to an integer/quantized format changes the
-            # model's outputs by far more than the delta's effect (reliability row 20).
+        fake_quant = _fake_quantized(self.base)
+        if (not weight.is_floating_point() or _quantized(self.base)) and not fake_quant:
+            # Rounding a merged weight back to an integer/packed format would need that
+            # format's quantizer; the result changes outputs by more than the delta's
+            # effect and cannot be checked here (reliability row 20).
             raise MergeError(f"delta {name!r}: the base weight is quantized ({weight.dtype}, "
-                             f"{type(self.base).__name__}); merging would round the delta "
-                             f"away. Keep the delta unmerged, or merge into a float copy of "
-                             f"the base model. Nothing was changed.")
+                             f"{type(self.base).__name__}) in a stored integer/packed format "
+                             f"that deltatune cannot write a merged weight into, even with "
+                             f"allow_lossy_merge=True. Keep the delta unmerged, or load the "
+                             f"base model in float and merge there. Nothing was changed.")
         w32 = _canonical(weight.detach(), self.kind).float()
         b32 = bias.detach().float() if bias is not None else None
         with torch.no_grad():
             new_w, new_b = delta.merge_into(w32, b32)
-        if check:
+        if check or fake_quant:
             bad = [t for t, v in (("weight", new_w), ("bias", new_b))
                    if v is not None and not torch.isfinite(v).all()]
             if bad:
                 raise NonFiniteError(f"merging delta {name!r} would write NaN/inf into the base "
                                      f"{' and '.join(bad)}; nothing was changed. Check the "
                                      f"delta's tensors (they are not finite).")
+        if fake_quant:
+            deviation = self.lossy_deviation(delta, new_w, new_b)
+            if not allow_lossy:
+                raise MergeError(
+                    f"delta {name!r}: the base weight is quantized (fake-quantized by "
+                    f"{type(self.base.weight_fake_quant).__name__} in "
+                    f"{type(self.base).__name__}); merging re-quantizes the delta with the "
+                    f"weight and changes this layer's output by up to "
+                    f"{deviation['max_abs']:.3g} ({deviation['max_rel']:.2%} of its largest "
+                    f"output; mean {deviation['mean_abs']:.3g}) on a probe batch. Pass "
+                    f"allow_lossy_merge=True to merge anyway (the deviation is recorded and "
+                    f"written into the merged model card), or keep the delta unmerged. "
+                    f"Nothing was changed.")
+        elif check:
             self._probe(delta, name, new_w, new_b)
         if keep_original:
             self._originals.append((weight.detach().to("cpu", copy=True),
@@ -314,6 +367,45 @@ class DeltaLayer(WrapperModule):
                 else:
                     bias.copy_(new_b.to(bias.dtype))
         self.merged.append(name)
+        if fake_quant:
+            self.lossy[name] = deviation
+
+    def _probe_input(self, d_in: int, weight: torch.Tensor) -> torch.Tensor:
+        """The probe batch of a layer: 4 rows of seeded normal inputs (token ids for an
+        embedding), drawn from ``torch.Generator().manual_seed(0)``."""
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        if self.kind == "embedding":
+            return torch.randint(0, d_in, (4, 8), generator=gen).to(weight.device)
+        return torch.randn(4, d_in, generator=gen).to(weight.device, weight.dtype)
+
+    def lossy_deviation(self, delta: LayerDelta, new_w: torch.Tensor,
+                        new_b: torch.Tensor | None) -> dict[str, float]:
+        """Measure how much merging changes this fake-quantized layer's output.
+
+        Runs the layer on the probe batch (:meth:`_probe_input`) twice: unmerged (base
+        forward, which fake-quantizes the original weight, plus the delta) and merged (base
+        forward with the merged float weight, which it fake-quantizes). Observers are frozen,
+        so the quantization scales are those the layer has now. Returns ``max_abs``,
+        ``mean_abs`` (absolute output differences) and ``max_rel`` (``max_abs`` over the
+        largest unmerged output magnitude).
+        """
+        if self.kind not in ("linear", "conv1d", "embedding"):
+            raise MergeError(f"cannot measure a lossy merge into a quantized {self.kind} layer "
+                             f"({type(self.base).__name__}); keep the delta unmerged. Nothing "
+                             f"was changed.")
+        weight = self.base.weight
+        x = self._probe_input(new_w.shape[1] if self.kind != "embedding" else new_w.shape[0],
+                              weight)
+        params = {"weight": _canonical(new_w, self.kind).to(weight.dtype)}
+        if new_b is not None:
+            params["bias"] = new_b.to(weight.dtype)
+        with torch.no_grad(), _frozen_observers(self.base):
+            expected = self._run([delta], x, (), {}).float()
+            got = torch.func.functional_call(self.base, params, (x,)).float()
+        diff = (got - expected).abs()
+        max_abs = diff.max().item()
+        return {"max_abs": max_abs, "mean_abs": diff.mean().item(),
+                "max_rel": max_abs / max(expected.abs().max().item(), 1e-12)}
 
     def _probe(self, delta: LayerDelta, name: str, new_w: torch.Tensor,
                new_b: torch.Tensor | None) -> None:
@@ -324,14 +416,12 @@ class DeltaLayer(WrapperModule):
         if self.kind == "conv2d":
             return
         weight = self.base.weight
-        gen = torch.Generator(device="cpu").manual_seed(0)
         if self.kind == "norm":
+            gen = torch.Generator(device="cpu").manual_seed(0)
             self._probe_norm(delta, name, new_w, new_b, gen)
             return
-        if self.kind == "embedding":
-            x = torch.randint(0, new_w.shape[0], (4, 8), generator=gen).to(weight.device)
-        else:
-            x = torch.randn(4, new_w.shape[1], generator=gen).to(weight.device, weight.dtype)
+        x = self._probe_input(new_w.shape[1] if self.kind != "embedding" else new_w.shape[0],
+                              weight)
         with torch.no_grad():
             expected = self._run([delta], x, (), {}).float()
             w = new_w.to(weight.dtype).float()
@@ -391,6 +481,7 @@ class DeltaLayer(WrapperModule):
                         f"delta {last!r} was merged with keep_original=False, so it cannot "
                         f"be taken out bit for bit; reload the base model instead.")
             self.merged.pop()
+            self.lossy.pop(last, None)
             if last == name:
                 break
 

@@ -109,6 +109,8 @@ class DeltaModel(WrapperModule):
         self._deltas: dict[str, AttachedDelta] = {}
         self._active: list[str] = []
         self._disabled = False
+        # delta name -> {layer: output deviation} of merges into quantized weights.
+        self.lossy_merges: dict[str, dict[str, dict[str, float]]] = {}
         if freeze_base:
             for p in model.parameters():
                 p.requires_grad_(False)
@@ -304,12 +306,16 @@ class DeltaModel(WrapperModule):
                 module.disabled = disabled
 
     # -- merging --------------------------------------------------------------------
-    def merge(self, *names: str, check: bool = True, keep_original: bool = True) -> None:
+    def merge(self, *names: str, check: bool = True, keep_original: bool = True,
+              allow_lossy_merge: bool = False) -> None:
         """Fold deltas (default: the active ones) into the base weights.
 
         ``check`` refuses non-finite results and compares merged with unmerged outputs
         on a probe batch; on any failure nothing changes. ``keep_original`` keeps a CPU
         copy of each changed tensor so :meth:`unmerge` restores the base bit for bit.
+        Merging into fake-quantized weights is refused (the error gives the measured
+        output deviation) unless ``allow_lossy_merge``; the deviation per layer then goes
+        to ``get_delta(name).info["lossy_merge"]`` and :attr:`lossy_merges`.
         """
         targets = self._mergeable(names)
         for n in targets:
@@ -318,7 +324,8 @@ class DeltaModel(WrapperModule):
                                  f"({', '.join(self._deltas[n].info['copies'])}); use "
                                  f"merge_and_unload()")
         for n in targets:
-            self._merge_one(n, check=check, keep_original=keep_original)
+            self._merge_one(n, check=check, keep_original=keep_original,
+                            allow_lossy=allow_lossy_merge)
 
     def _mergeable(self, names: Sequence[str]) -> list[str]:
         targets = list(names) or list(self._active)
@@ -331,7 +338,8 @@ class DeltaModel(WrapperModule):
                                  f"base weights: its computation is not a change of weights")
         return targets
 
-    def _merge_one(self, name: str, *, check: bool, keep_original: bool) -> None:
+    def _merge_one(self, name: str, *, check: bool, keep_original: bool,
+                   allow_lossy: bool = False) -> None:
         delta = self._deltas[name]
         if delta.merged:
             warnings.warn(f"delta {name!r} is already merged; merge() did nothing", stacklevel=3)
@@ -340,8 +348,20 @@ class DeltaModel(WrapperModule):
         if name not in self._active:
             self.activate(*self._active, name)
         delta.method.merge(self.model, self._layer_parts(delta), check=check,
-                           keep_original=keep_original)
+                           keep_original=keep_original, allow_lossy=allow_lossy)
         delta.merged = True
+        lossy = {loc: dict(module.lossy[name]) for loc in self._layer_parts(delta).parts
+                 if isinstance(module := get_submodule(self.model, loc) if loc else None,
+                               DeltaLayer) and name in module.lossy}
+        if lossy:
+            delta.info["lossy_merge"] = lossy
+            self.lossy_merges[name] = lossy
+            worst = max(lossy.items(), key=lambda kv: kv[1]["max_rel"])
+            warnings.warn(f"lossy merge of delta {name!r} into quantized weights: output "
+                          f"deviation on a probe batch up to {worst[1]['max_abs']:.3g} "
+                          f"({worst[1]['max_rel']:.2%} of the largest output) at {worst[0]}, "
+                          f"over {len(lossy)} layer(s); recorded in lossy_merges",
+                          stacklevel=3)
 
     def _refuse_tied(self, delta: AttachedDelta) -> None:
         """Refuse to merge into a weight another module shares (tied embeddings and heads).
@@ -384,19 +404,39 @@ class DeltaModel(WrapperModule):
             if delta.merged:
                 delta.method.unmerge(self.model, self._layer_parts(delta))
                 delta.merged = False
+                delta.info.pop("lossy_merge", None)
+                self.lossy_merges.pop(n, None)
 
-    def merge_and_unload(self, *names: str, check: bool = True) -> nn.Module:
+    def merge_and_unload(self, *names: str, check: bool = True,
+                         allow_lossy_merge: bool = False) -> nn.Module:
         """Merge deltas (default: active) for good and return the plain base model.
 
         Module copies of the merged delta (a trained task head) replace the originals.
+        ``allow_lossy_merge`` as in :meth:`merge`; the measured deviations stay in
+        :attr:`lossy_merges` after the deltas are gone.
         """
         targets = self._mergeable(names)
         for n in targets:
             if not self._deltas[n].merged:
-                self._merge_one(n, check=check, keep_original=False)
-        for location in {loc for n in targets for loc in self._deltas[n].info["copies"]}:
+                self._merge_one(n, check=check, keep_original=False,
+                                allow_lossy=allow_lossy_merge)
+        # Deltas left unmerged are taken out the regular way, so that their methods remove
+        # what they put into the model (hooks of parallel adapters, prompt holders,
+        # wrappers): the returned model must hold nothing of deltatune.
+        dropped = [n for n, d in self._deltas.items() if not d.merged]
+        for n in dropped:
+            self.delete(n)
+        if dropped:
+            warnings.warn(f"merge_and_unload removed delta(s) {', '.join(map(repr, dropped))}: "
+                          f"they were not merged (merge_and_unload({', '.join(map(repr, targets))})"
+                          f" merges only these)", stacklevel=2)
+        kept = list(self._deltas)
+        for n in kept:
+            delta = self._deltas[n]
+            delta.method.release(self.model, self._layer_parts(delta))
+        for location in {loc for n in kept for loc in self._deltas[n].info["copies"]}:
             holder = get_submodule(self.model, location)
-            owner = next(n for n in targets if n in holder.copies)
+            owner = next(n for n in kept if n in holder.copies)
             set_submodule(self.model, location, holder.copies[owner])
         for location, module in list(self.model.named_modules()):
             if isinstance(module, DeltaLayer):
@@ -507,18 +547,25 @@ class DeltaModel(WrapperModule):
         return [p for p in self.parameters() if p.requires_grad]
 
     def describe_parameters(self) -> str:
-        """Return a one-line summary per delta plus the total trainable share."""
-        base = self.base_parameter_count()
-        lines = [f"{r.name} ({r.method}): {r.parameters:,} parameters = {r.percent_of_base:.4f}% "
-                 f"of {base:,}" + ("" if r.active else " [inactive]")
-                 for r in self.parameter_report()]
-        trainable = sum(p.numel() for p in self.trainable_parameters())
+        """Return one line: the trainable count and share of all parameters, then each delta.
+
+        ``trainable: T of N (P%); delta: name (method) count`` where N counts every
+        parameter the model holds (base plus every attached delta, active or not, as
+        PEFT's "all params" does; a delta that trains the base adds none) and P = T / N.
+        Several deltas are listed after ``deltas:``, marked ``[inactive]`` or ``[frozen]``.
+        """
+        rows = self.parameter_report()
         ids = self.delta_parameter_ids()
-        extra = sum(p.numel() for p in self.trainable_parameters() if id(p) in ids)
-        total = base + extra  # a delta that trains the base adds nothing to the total
-        lines.append(f"trainable: {trainable:,} of {total:,} "
-                     f"({100.0 * trainable / max(total, 1):.4f}%)")
-        return "\n".join(lines)
+        total = self.base_parameter_count() + sum(
+            p.numel() for p in self.parameters() if id(p) in ids)
+        trainable = sum(p.numel() for p in self.trainable_parameters())
+        parts = [f"{r.name} ({r.method}) {r.parameters:,}"
+                 + ("" if r.active else " [inactive]")
+                 + ("" if r.trainable or not r.active else " [frozen]") for r in rows]
+        text = f"trainable: {trainable:,} of {total:,} ({100.0 * trainable / max(total, 1):.4f}%)"
+        if parts:
+            text += f"; {'delta' if len(parts) == 1 else 'deltas'}: {', '.join(parts)}"
+        return text
 
     def print_trainable_parameters(self) -> None:
         """Print :meth:`describe_parameters`."""

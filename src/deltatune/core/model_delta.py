@@ -99,6 +99,15 @@ def _geometry(module: nn.Module, name: str) -> tuple[int, int]:
         if heads is None and head_dim is not None and isinstance(
                 getattr(module, "embed_dim", None), int):
             heads = module.embed_dim // head_dim
+        if heads is None:  # GPT-NeoX keeps only head_size on the module; the config has the rest
+            cfg = getattr(module, "config", None)
+            heads = getattr(cfg, "num_attention_heads", None)
+            fused = getattr(module, "query_key_value", None)
+            fused = getattr(fused, "base", fused)  # a DeltaLayer wraps the projection
+            if isinstance(heads, int) and head_dim is not None and isinstance(
+                    getattr(fused, "out_features", None), int) and \
+                    fused.out_features != 3 * heads * head_dim:
+                heads = None  # not one query, key and value per head: unknown layout
         kv_dim = heads * head_dim if heads and head_dim else None
     if head_dim is None or kv_dim is None:
         raise TargetError(f"cannot read the head size of attention module {name!r} "

@@ -118,10 +118,14 @@ class DeltaMethod:
         return delta.config
 
     def merge(self, model: nn.Module, delta: AttachedDelta, *, check: bool,
-              keep_original: bool) -> None:
-        """Fold the delta into the base weights."""
+              keep_original: bool, allow_lossy: bool = False) -> None:
+        """Fold the delta into the base weights (``allow_lossy``: also quantized ones)."""
         raise DeltaStateError(f"method {self.name!r} cannot be merged into the base weights: "
                               f"its delta is not a change of existing weights")
+
+    def release(self, model: nn.Module, delta: AttachedDelta) -> None:
+        """Drop what the method added to ``model`` outside the layers it wraps (hooks...),
+        keeping the merged weights; called by ``merge_and_unload``. Default: nothing."""
 
     def unmerge(self, model: nn.Module, delta: AttachedDelta) -> None:
         """Take a merged delta back out of the base weights."""

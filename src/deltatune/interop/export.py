@@ -91,22 +91,27 @@ def serving_notes(peft_config: dict[str, Any]) -> list[str]:
 
 def export_merged(dm: Any, directory: str | Path, *, tokenizer: Any = None,
                   names: tuple[str, ...] = (), max_shard_size: str | int = DEFAULT_SHARD_SIZE,
-                  card: dict[str, Any] | None = None) -> Path:
+                  card: dict[str, Any] | None = None, allow_lossy_merge: bool = False) -> Path:
     """Merge deltas ``names`` (default: the active ones) of ``dm`` into the base model and
     save a plain ``transformers`` directory; return its path.
 
     Weights are safetensors, split into shards above ``max_shard_size`` (with an index
     file); the tokenizer is saved beside them when given; README.md is a model card.
     The directory is replaced atomically. ``dm`` is consumed (its deltas are merged for
-    good); pass a fresh one if you need it again.
+    good); pass a fresh one if you need it again. ``allow_lossy_merge`` lets deltas be
+    merged into fake-quantized weights; the measured output deviations are written into
+    the card.
     """
     reports = {r.name: r for r in dm.parameter_report()}
     merged_names = list(names) or dm.active
     description = [{"name": n, "method": reports[n].method, "parameters": reports[n].parameters}
                    for n in merged_names if n in reports]
     sources = {n: dm.get_delta(n).info.get("source") for n in merged_names}
-    model: nn.Module = dm.merge_and_unload(*names)
+    model: nn.Module = dm.merge_and_unload(*names, allow_lossy_merge=allow_lossy_merge)
     card = card_defaults(model, card)
+    lossy = {n: dm.lossy_merges[n] for n in merged_names if n in dm.lossy_merges}
+    if lossy:
+        card["lossy_merge"] = lossy
     directory = Path(directory)
     with io.atomic_directory(directory) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)

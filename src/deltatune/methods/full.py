@@ -24,7 +24,8 @@ from torch import nn
 
 from deltatune.core.config import DeltaConfig, param
 from deltatune.core.errors import DeltaStateError
-from deltatune.core.layers import DeltaLayer, ModuleCopy
+from deltatune.core.layers import WrapperModule
+from deltatune.core.model_delta import HOLDER
 from deltatune.core.registry import AttachedDelta, DeltaMethod
 
 
@@ -48,10 +49,10 @@ def plain_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     seen: set[int] = set()
 
     def walk(module: nn.Module, prefix: str) -> None:
-        if isinstance(module, DeltaLayer):
-            module = module.base
-        elif isinstance(module, ModuleCopy):
-            module = module.original
+        # Every deltatune wrapper (DeltaLayer, ModuleCopy, KronA's ParallelBlock...) names
+        # the module it wraps; other deltas attached later must not rename base tensors.
+        while isinstance(module, WrapperModule):
+            module = module._modules[module.WRAPPED]
         tensors = list(module._parameters.items()) + [
             (k, b) for k, b in module._buffers.items()
             if k not in module._non_persistent_buffers_set]
@@ -60,7 +61,7 @@ def plain_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
                 seen.add(id(tensor))
                 out[prefix + key] = tensor
         for key, child in module._modules.items():
-            if child is not None:
+            if child is not None and key != HOLDER:  # model-level deltas' own tensors
                 walk(child, f"{prefix}{key}.")
 
     walk(model, "")
@@ -169,7 +170,7 @@ class FullFineTune(DeltaMethod):
         return plain_tensors(model)
 
     def merge(self, model: nn.Module, delta: AttachedDelta, *, check: bool,
-              keep_original: bool) -> None:
+              keep_original: bool, allow_lossy: bool = False) -> None:
         # The trained weights already are the model's; nothing to fold in.
         if not keep_original:
             self._original = None

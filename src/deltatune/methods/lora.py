@@ -128,6 +128,8 @@ class LoraDelta(LayerDelta):
                 and (isinstance(self.dropout, nn.Identity) or not self.training)
                 and x.dtype == base.weight.dtype and x.dtype.is_floating_point
                 and not base._forward_hooks and not base._forward_pre_hooks
+                # A subclass with its own forward (a fake-quantized QAT layer) is not x W^T + b.
+                and type(base).forward in (nn.Linear.forward, Conv1D.forward)
                 # Under autocast the plain path lets autocast pick the dtypes.
                 and not torch.is_autocast_enabled(x.device.type))
 

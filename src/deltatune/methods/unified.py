@@ -380,8 +380,12 @@ class UnifiedAdapter(LayerMethod):
                 self._hooks.append(first.register_forward_pre_hook(delta.capture))
         return parts
 
-    def detach(self, model: nn.Module, delta: AttachedDelta) -> None:
+    def release(self, model: nn.Module, delta: AttachedDelta) -> None:
+        """Remove the block-input hooks (a merged delta no longer reads x)."""
         for handle in getattr(self, "_hooks", []):
             handle.remove()
         self._hooks = []
+
+    def detach(self, model: nn.Module, delta: AttachedDelta) -> None:
+        self.release(model, delta)
         super().detach(model, delta)

@@ -54,19 +54,29 @@ LORA_B = r"(^|\.)lora_B(\.|$)"
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Training stopped on SIGINT/SIGTERM after writing a checkpoint.
+    """Training stopped on SIGINT/SIGTERM.
 
-    ``checkpoint`` is the directory to resume from; ``exit_code`` is 128 + the signal
-    number (130 for SIGINT, 143 for SIGTERM).
+    After the first signal the current micro-batch is finished and a checkpoint written:
+    ``checkpoint`` is that directory. After a second signal (``immediate`` is True) the
+    run stops where it is without writing anything: ``checkpoint`` is then the last
+    complete checkpoint written before (or None). ``exit_code`` is 128 + the number of
+    the signal that ended the run (130 for SIGINT, 143 for SIGTERM).
     """
 
-    def __init__(self, signum: int, checkpoint: Path | None) -> None:
+    def __init__(self, signum: int, checkpoint: Path | None, immediate: bool = False) -> None:
         self.signum = signum
         self.checkpoint = checkpoint
+        self.immediate = immediate
         self.exit_code = 128 + signum
         name = signal.Signals(signum).name
-        where = f"checkpoint written to {checkpoint}" if checkpoint else "no checkpoint written"
-        super().__init__(f"training interrupted by {name}; {where}")
+        if immediate:
+            where = (f"nothing written; last complete checkpoint: {checkpoint}" if checkpoint
+                     else "nothing written; no checkpoint yet")
+            super().__init__(f"second {name}: stopping now; {where}")
+        else:
+            where = (f"checkpoint written to {checkpoint}" if checkpoint
+                     else "no checkpoint written")
+            super().__init__(f"training interrupted by {name}; {where}")
 
 
 class TrainingOutOfMemory(DeltaTuneError, MemoryError):
@@ -644,6 +654,8 @@ class Trainer:
                 rng=ckpt.rng_state(),
                 callbacks=[cb.state_dict() for cb in self.method_callbacks])
             ckpt.write_checkpoint(path, data)
+            # Complete from here on (a second signal during pruning must name this one).
+            self.last_checkpoint = path
             ckpt.prune(self.output_dir, self.config.keep_checkpoints, protect=path)
             self._write_log()
         acc.wait_for_everyone()
@@ -765,7 +777,9 @@ class Trainer:
         def handler(signum: int, _frame: Any) -> None:
             if self._signal is not None:  # second signal: leave at once
                 self._restore_signals(previous)
-                raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping now")
+                # Whatever was being written is abandoned: saves are atomic, so the last
+                # complete checkpoint (``last_checkpoint``) is untouched and resumable.
+                raise TrainingInterrupted(signum, self.last_checkpoint, immediate=True)
             self._signal = signum
             self._stop = True
             logger.warning("%s received: finishing this micro-batch and writing a checkpoint "
