@@ -93,8 +93,13 @@ def build_model(shape: str, dtype: torch.dtype) -> Any:
     torch.manual_seed(0)
     config = LlamaConfig(**SHAPES[shape], max_position_embeddings=8192,
                          attn_implementation="sdpa")
-    # built directly on the GPU: a CPU init of an 8B model takes minutes
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+    # built directly on this process's GPU (a CPU init of an 8B model takes minutes; FSDP1
+    # refuses a module on another rank's device)
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() \
+        else "cpu"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(device)
+    with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype)
     return dt.attach(model, dt.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
 
