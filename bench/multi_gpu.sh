@@ -2,7 +2,7 @@
 # DDP, FSDP (FSDP1, use_orig_params) and FSDP2 scaling of LoRA training on 1-8 GPUs.
 #   bash bench/multi_gpu.sh [SHAPE] [GLOBAL_BATCH] [OUT] [extra bench/multi_gpu.py flags...]
 #   STRATEGIES="ddp fsdp fsdp2" (default) picks the strategies; GPU_COUNTS="1 2 4 8" (default:
-#   every count this host has, up to 8) the process counts.
+#   every count this host has, up to 8) the process counts; SKIP="fsdp-1gpu ..." leaves runs out.
 # Then checks each run's delta against the 1-GPU DDP one and prints the scaling table.
 # Results: $OUT/*.json (default bench/results/multi_gpu). See docs/performance.md.
 set -euo pipefail
@@ -34,6 +34,7 @@ STATUS=0
 for S in $STRATEGIES; do
   for N in $GPU_COUNTS; do
     [ "$N" -le "$GPUS" ] || { echo "skipping $N GPUs: this host has $GPUS" >&2; continue; }
+    case " ${SKIP:-} " in *" $S-${N}gpu "*) continue ;; esac
     case $S in
       ddp) FLAGS=(); [ "$N" -gt 1 ] && FLAGS=(--multi_gpu) ;;
       fsdp) FLAGS=("${FSDP1[@]}") ;;
@@ -49,6 +50,7 @@ for S in $STRATEGIES; do
     fi
   done
 done
+[ "${#RAN[@]}" -gt 0 ] || exit $STATUS
 REF=$OUT/${RAN[0]}.delta.safetensors
 for R in "${RAN[@]:1}"; do
   echo "== ${RAN[0]} vs $R"
