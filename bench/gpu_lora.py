@@ -536,7 +536,12 @@ def graph_decode_bench(shape: str, decode_tokens: int, reps: int) -> None:
                 dec = GraphDecoder(net, b, max_len, forward_kwargs=kw)
                 sec = timeit(lambda dec=dec, b=b: dec.generate(short[:b], decode_tokens),
                              reps, 1)
-                record(what, b, sec / decode_tokens, captures=dec.captures)
+                # the same static-cache steps without the graph: the replay must agree
+                eager = GraphDecoder(net, b, max_len, forward_kwargs=kw, use_graph=False)
+                same = float((dec.generate(short[:b], decode_tokens) ==
+                              eager.generate(short[:b], decode_tokens)).float().mean())
+                record(what, b, sec / decode_tokens, captures=dec.captures,
+                       tokens_equal_eager=round(same, 4))
             except Exception as e:  # report, keep going
                 record(what, b, math.nan, error=f"{type(e).__name__}: {str(e)[:300]}")
             dec = None

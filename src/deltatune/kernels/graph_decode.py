@@ -17,6 +17,7 @@ CPU tests check it against Hugging Face ``generate``.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -52,6 +53,7 @@ class GraphDecoder:
         self.next = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.captures = 0
+        self._warmed = False
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=ids, past_key_values=self.cache, cache_position=positions,
@@ -63,15 +65,36 @@ class GraphDecoder:
         # argmax on the device into a fixed buffer: nothing leaves the graph
         self.next.copy_(self._forward(self.ids, self.pos).argmax(-1))
 
-    def _capture(self) -> None:
-        # warm-up on a side stream (allocator pools, cuBLAS handles), then capture; both
-        # write the K/V of position ``pos``, which the first replay rewrites
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+    def _counters(self) -> list[torch.Tensor]:
+        # recent transformers keep each static layer's fill level in a device tensor that
+        # every update advances (it, not ``cache_position``, says where K/V are written)
+        return [c for layer in getattr(self.cache, "layers", [])
+                if isinstance(c := getattr(layer, "cumulative_length", None), torch.Tensor)]
+
+    def _warm_up(self) -> None:
+        """Run two steps at the current position and undo their effect on the cache.
+
+        Before a capture this settles allocator pools and library handles (on a side
+        stream); it runs in eager mode too (once per decoder), so the CPU tests exercise it.
+        Both steps write the K/V of position ``pos``, which the next real step rewrites; the
+        fill counters they advanced are put back in place (the graph reads these tensors).
+        """
+        counters = self._counters()
+        saved = [c.clone() for c in counters]
+        cuda = self.device.type == "cuda"
+        stream = torch.cuda.Stream() if cuda else None
+        if cuda:
+            stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
             for _ in range(2):
                 self._step()
-        torch.cuda.current_stream().wait_stream(stream)
+        if cuda:
+            torch.cuda.current_stream().wait_stream(stream)
+        for c, v in zip(counters, saved):
+            c.copy_(v)
+        self._warmed = True
+
+    def _capture(self) -> None:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self._step()
@@ -96,6 +119,8 @@ class GraphDecoder:
         self.ids.copy_(first.view(-1, 1))
         for i in range(new_tokens - 1):
             self.pos.fill_(length + i)
+            if not self._warmed:
+                self._warm_up()
             if self.use_graph:
                 if self.graph is None:
                     self._capture()
