@@ -351,7 +351,8 @@ def train_bench(shape: str, batch: int, seq: int, steps: int, variants: list[str
                 layer.compile()
         net.train()
         opt = torch.optim.AdamW(params, lr=1e-5, fused=d.type == "cuda")
-        mode = "off" if variant == "deltatune plain" else "on" if d.type == "cpu" else "auto"
+        mode = "off" if variant.startswith("deltatune plain") else "on" if d.type == "cpu" \
+            else "auto"
         fused_ce = variant.startswith("deltatune fast") and "HF loss" not in variant
 
         def step(net=net, opt=opt, fused_ce=fused_ce, mode=mode):
