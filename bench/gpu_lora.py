@@ -293,6 +293,24 @@ def layer_bench(tokens: int, reps: int) -> None:
 
 
 # --------------------------------------------------------------------------- train
+def decoder_layers(net) -> list[nn.Module]:
+    """The decoder layers of a Llama under deltatune, peft or nothing."""
+    inner = net
+    while not hasattr(inner, "layers"):
+        inner = inner.model if hasattr(inner, "model") else inner.base_model
+    return list(inner.layers)
+
+
+def dynamo_counts() -> dict:
+    """torch._dynamo's compile counters: frames compiled, graphs, recompiles (guard failures)."""
+    from torch._dynamo.utils import counters
+
+    return dict(frames_ok=counters["frames"]["ok"], frames_total=counters["frames"]["total"],
+                unique_graphs=counters["stats"]["unique_graphs"],
+                recompiles=sum(counters["recompiles"].values()),
+                graph_breaks=sum(counters["graph_break"].values()))
+
+
 def count_flops(shape: str, n_params: int, seq: int) -> float:
     """Training FLOPs per token with frozen weights: 4N + causal attention (fwd+2x bwd)."""
     s = SHAPES[shape]
@@ -324,10 +342,18 @@ def train_bench(shape: str, batch: int, seq: int, steps: int, variants: list[str
         if checkpointing:
             (net.model if isinstance(net, dt.DeltaModel) else net).gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
+        compiled = variant.endswith(" compiled")
+        if compiled:
+            # one compiled decoder layer, reused by all of them (same code, same shapes):
+            # fuses RMSNorm, RoPE, SiLU*mul and the residual adds around the matmuls
+            torch._dynamo.reset()
+            for layer in decoder_layers(net):
+                layer.compile()
         net.train()
         opt = torch.optim.AdamW(params, lr=1e-5, fused=d.type == "cuda")
-        mode = "off" if variant == "deltatune plain" else "on" if d.type == "cpu" else "auto"
-        fused_ce = variant == "deltatune fast"
+        mode = "off" if variant.startswith("deltatune plain") else "on" if d.type == "cpu" \
+            else "auto"
+        fused_ce = variant.startswith("deltatune fast") and "HF loss" not in variant
 
         def step(net=net, opt=opt, fused_ce=fused_ce, mode=mode):
             with fast_path(mode):
@@ -341,17 +367,23 @@ def train_bench(shape: str, batch: int, seq: int, steps: int, variants: list[str
             opt.zero_grad(set_to_none=True)
             return loss
 
+        t0 = time.perf_counter()
         try:
             sec = timeit(step, steps, warmup=2)
             peak = peak_gib()
             err = None
-        except torch.OutOfMemoryError as e:  # report, keep going
-            sec, peak, err = float("nan"), float("nan"), str(e).split("\n")[0]
+        except Exception as e:  # out of memory or a compile failure: report, keep going
+            sec, peak, err = float("nan"), float("nan"), f"{type(e).__name__}: " + \
+                str(e).split("\n")[0][:300]
+        extra = {}
+        if compiled:
+            extra = dict(compile_and_timing_s=time.perf_counter() - t0,
+                         dynamo=dynamo_counts())
         tok = batch * seq
         mfu = count_flops(shape, n_params, seq) * tok / sec / (PEAK_TFLOPS * 1e12)
         row = dict(section="train", shape=shape, name=variant, checkpointing=checkpointing,
                    batch=batch, seq=seq, seconds=sec, tokens_per_s=tok / sec, mfu=mfu,
-                   peak_gib=peak, dtype_adapters=str(params[0].dtype), error=err)
+                   peak_gib=peak, dtype_adapters=str(params[0].dtype), error=err, **extra)
         RESULTS["rows"].append(row)
         log(f"  train {shape} ckpt={checkpointing!s:<5} {variant:<32} {sec:7.3f} s/step "
             f"{tok / sec:9.0f} tok/s  MFU {mfu * 100:5.1f}%  peak {peak:6.1f} GiB  "
@@ -478,6 +510,92 @@ def infer_bench(shape: str, prefill_batch: int, prefill_len: int, decode_tokens:
         peak_reset()
 
 
+# --------------------------------------------------------------------------- graph decode
+def graph_decode_bench(shape: str, decode_tokens: int, reps: int) -> None:
+    """Decode per token with every step replayed from a CUDA graph (static KV cache), for
+    base, merged, unmerged and mixed batches alike, plus an adapter switch by copy_."""
+    from deltatune.kernels.graph_decode import GraphDecoder
+
+    d = dev()
+    vocab = SHAPES[shape]["vocab_size"]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    short = torch.randint(3, vocab, (32, 16), generator=g).to(d)
+    max_len = short.shape[1] + decode_tokens
+    names32 = [f"a{i}" for i in range(32)]
+
+    def record(what, batch, sec, **extra):
+        RESULTS["rows"].append(dict(section="graph_decode", shape=shape, framework="deltatune",
+                                    name=what, seconds=sec, per_token=True, batch=batch,
+                                    **extra))
+        log(f"  graph {shape} {what:<26} b{batch:<3} {sec * 1e3:8.3f} ms/token "
+            f"{' '.join(f'{k}={v}' for k, v in extra.items())}")
+
+    def run(net, what, batches=(1, 32), rows=None):
+        for b in batches:
+            kw = None if rows is None else {"delta_names": rows[:b]}
+            try:
+                dec = GraphDecoder(net, b, max_len, forward_kwargs=kw)
+                sec = timeit(lambda dec=dec, b=b: dec.generate(short[:b], decode_tokens),
+                             reps, 1)
+                # the same static-cache steps without the graph: the replay must agree
+                eager = GraphDecoder(net, b, max_len, forward_kwargs=kw, use_graph=False)
+                same = float((dec.generate(short[:b], decode_tokens) ==
+                              eager.generate(short[:b], decode_tokens)).float().mean())
+                record(what, b, sec / decode_tokens, captures=dec.captures,
+                       tokens_equal_eager=round(same, 4))
+            except Exception as e:  # report, keep going
+                record(what, b, math.nan, error=f"{type(e).__name__}: {str(e)[:300]}")
+            dec = None
+
+    model = build(shape).eval()
+    run(model, "base")
+    net = attach_dt(model, name="a0")
+    randomize(lora_params(net), seed=2)
+    net.eval()
+    run(net, "unmerged")
+    net.merge()
+    run(net, "merged")
+    net.unmerge()
+    for name in names32[1:]:
+        attach_dt(net, name=name)
+    randomize(lora_params(net), seed=3)
+    for k in (4, 32):
+        run(net, f"mixed-{k}", (32,), [names32[i % k] for i in range(32)])
+    dec = None
+    try:
+        # adapter switch: copy a1's tensors into a0's (what a server does between
+        # requests), a0 being the one active delta; the captured decoder replays the same
+        # graph and must give what an eager decode with the new weights gives.
+        # (Mixed-batch graphs read the AdapterBank's concatenated copy of the adapters,
+        # which only an eager step refreshes: they need a new decoder after a switch.)
+        net.activate("a0")
+        dec = GraphDecoder(net, 32, max_len)
+        before = dec.generate(short, decode_tokens)
+        a1 = net.delta_state_dict("a1")
+        sync()
+        t0 = time.perf_counter()
+        net.load_delta_state_dict(a1, "a0")
+        sync()
+        switch = time.perf_counter() - t0
+        after = dec.generate(short, decode_tokens)
+        want = GraphDecoder(net, 32, max_len, use_graph=False).generate(short, decode_tokens)
+        same = float((after == want).float().mean())
+        changed = bool((after != before).any())
+        RESULTS["rows"].append(dict(section="graph_decode", shape=shape, name="adapter switch",
+                                    seconds=switch, captures=dec.captures,
+                                    tokens_equal_eager_after_switch=same, changed=changed))
+        log(f"  graph {shape} adapter switch by copy_: {switch * 1e3:.2f} ms, captures "
+            f"{dec.captures}, replay after switch equal to eager {same:.3f}, output changed "
+            f"{changed}")
+    except Exception as e:  # report, keep going
+        RESULTS["rows"].append(dict(section="graph_decode", shape=shape,
+                                    name="adapter switch", seconds=math.nan,
+                                    error=f"{type(e).__name__}: {str(e)[:300]}"))
+        log(f"  graph {shape} adapter switch failed: {e}")
+    del dec, net, model
+    peak_reset()
+
+
 # --------------------------------------------------------------------------- summary
 def div(a: float, b: float) -> float:
     """a / b, NaN when b is 0 or either is missing."""
@@ -513,7 +631,7 @@ def summary() -> None:
                 f" (target <= 0.6)  peak fast/full-FT "
                 f"{div(mem.get('deltatune fast', math.nan), mem.get('full FT', math.nan)):.3f}")
     fws = sorted({r["framework"] for r in rows if r["section"] == "infer"})
-    for shape in sorted({r["shape"] for r in rows if r["section"] == "infer"}):
+    for shape in sorted({r["shape"] for r in rows if r["section"] in ("infer", "graph_decode")}):
         for fw in fws:
             def s(name, fw=fw, shape=shape):
                 return get(section="infer", shape=shape, framework=fw, name=name)
@@ -528,6 +646,18 @@ def summary() -> None:
                 f"{div(s('decode b32 unmerged'), s('decode b32 merged')):.3f} (<=1.10)  "
                 f"b32 mixed-32 throughput vs unmerged "
                 f"{div(s('decode b32 unmerged'), s('decode b32 mixed-32')):.3f} (>=0.85)")
+        gd = {(r["name"], r["batch"]): r["seconds"] for r in rows
+              if r["section"] == "graph_decode" and r["shape"] == shape and r.get("batch")}
+        if gd:
+            def q(name, b, gd=gd):
+                return gd.get((name, b), math.nan)
+            eager_b1 = get(section="infer", shape=shape, framework="deltatune",
+                           name="decode b1 merged")
+            log(f"graph {shape} decode unmerged/merged b1 "
+                f"{div(q('unmerged', 1), q('merged', 1)):.3f} b32 "
+                f"{div(q('unmerged', 32), q('merged', 32)):.3f} (<=1.10)  b32 mixed-32 "
+                f"throughput vs unmerged {div(q('unmerged', 32), q('mixed-32', 32)):.3f} "
+                f"(>=0.85)  merged b1 graph/eager {div(q('merged', 1), eager_b1):.3f}")
         if "deltatune" in fws:
             for fw in fws:
                 if fw == "deltatune":
@@ -565,6 +695,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--train", action="store_true")
     ap.add_argument("--infer", action="store_true")
     ap.add_argument("--profile", action="store_true", help="top kernels of one fast step")
+    ap.add_argument("--graph-decode", action="store_true",
+                    help="decode with CUDA graphs (static KV cache) for every variant")
     ap.add_argument("--shapes", default="1b", help="comma list of 1b, 8b, tiny")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=2048)
@@ -595,6 +727,9 @@ def main(argv: list[str] | None = None) -> None:
                 train_bench(shape, args.batch, args.seq, args.steps, variants, ck == "1")
         if args.profile:
             profile_step(args.shapes.split(",")[0], args.batch, args.seq)
+        if args.graph_decode:
+            for shape in args.shapes.split(","):
+                graph_decode_bench(shape, args.decode_tokens, 3)
         if args.infer:
             pb, pl = (int(v) for v in args.prefill.split("x"))
             for shape in args.shapes.split(","):

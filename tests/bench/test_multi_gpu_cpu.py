@@ -49,22 +49,3 @@ def test_multi_gpu_bench_runs_under_gloo_and_its_deltas_agree(tmp_path):
                  str(tmp_path / "ddp-1gpu.delta.safetensors"),
                  str(tmp_path / "ddp-2gpu.delta.safetensors")])
     assert "deltas agree" in done.stdout and "ddp          2" in done.stdout
-
-
-def test_fsdp_state_keys_map_to_delta_keys():
-    sys.path.insert(0, str(SCRIPT.parent))
-    import torch
-    from multi_gpu import match_delta_keys
-
-    state = {
-        "model._fsdp_wrapped_module.model.layers.1._fsdp_wrapped_module.self_attn.q_proj"
-        ".deltas.default.lora_A": torch.full((2,), 1.0),
-        "model.model.layers.1.self_attn.q_proj.base.weight": torch.zeros(2),
-        "model.model.layers.11.self_attn.q_proj.deltas.default.lora_A": torch.full((2,), 3.0),
-    }
-    got = match_delta_keys(state, ["model.layers.1.self_attn.q_proj.lora_A",
-                                   "model.layers.11.self_attn.q_proj.lora_A"])
-    assert float(got["model.layers.1.self_attn.q_proj.lora_A"][0]) == 1.0
-    assert float(got["model.layers.11.self_attn.q_proj.lora_A"][0]) == 3.0
-    with pytest.raises(KeyError, match="0 matching keys"):
-        match_delta_keys(state, ["model.layers.2.self_attn.q_proj.lora_A"])

@@ -64,6 +64,9 @@ def _sample(weight: torch.Tensor) -> list[float]:
     flat = weight.detach().reshape(-1)
     n = flat.numel()
     idx = torch.linspace(0, n - 1, steps=min(SAMPLES_PER_TENSOR, n)).round().long()
+    # float32 positions round past the end above 2**24 elements (an 8B model's MLP weights);
+    # clamping keeps every position that fingerprints already saved were sampled at
+    idx.clamp_(max=n - 1)
     return [float(v) for v in flat[idx.to(flat.device)].float().cpu()]
 
 

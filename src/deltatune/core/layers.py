@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextvars
 import copy
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
@@ -34,14 +35,29 @@ _ROW_DELTAS: contextvars.ContextVar[tuple[str | None, ...] | None] = contextvars
 )
 
 
+# How many row_deltas contexts with an assignment are open, in any thread. While it is 0
+# no layer needs to read the ContextVar: that read is a graph break under torch.compile,
+# one per adapted layer, which kept compiled decoder layers from fusing.
+_ROUTED = 0
+_ROUTED_LOCK = threading.Lock()
+
+
 @contextmanager
 def row_deltas(names: Sequence[str | None] | None):
     """Route batch row i through delta ``names[i]`` (None: the base) inside the context."""
-    token = _ROW_DELTAS.set(tuple(names) if names is not None else None)
+    global _ROUTED
+    routed = names is not None
+    token = _ROW_DELTAS.set(tuple(names) if routed else None)
+    if routed:
+        with _ROUTED_LOCK:
+            _ROUTED += 1
     try:
         yield
     finally:
         _ROW_DELTAS.reset(token)
+        if routed:
+            with _ROUTED_LOCK:
+                _ROUTED -= 1
 
 
 def current_row_deltas(batch_size: int) -> tuple[str | None, ...] | None:
@@ -50,6 +66,8 @@ def current_row_deltas(batch_size: int) -> tuple[str | None, ...] | None:
     A batch larger than the assignment by a whole factor (beam search, or a model that
     flattens batch and time) repeats each entry over consecutive rows.
     """
+    if not _ROUTED:  # no assignment anywhere (a plain global: traceable by torch.compile)
+        return None
     names = _ROW_DELTAS.get()
     if names is None:
         return None

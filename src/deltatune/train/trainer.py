@@ -35,7 +35,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -480,12 +480,28 @@ class Trainer:
         params = {_unwrapped_name(n): p for n, p in unwrap(self.model).named_parameters()}
         return [(n, params[n]) for n in self.param_names]
 
+    def _sharded(self) -> bool:
+        """True when each rank holds only a shard of the trainable tensors (FSDP, > 1 rank)."""
+        acc = self.accelerator
+        if self.world == 1 or acc.distributed_type != "FSDP":
+            return False
+        strategy = getattr(self.model, "sharding_strategy", None)  # FSDP1 root only
+        return strategy is None or getattr(strategy, "name", "") != "NO_SHARD"
+
     def _first_nonfinite(self, grads: bool) -> str | None:
-        for name, p in self._trainable():
-            t = p.grad if grads else p
-            if t is not None and not torch.isfinite(t).all():
-                return name
-        return None
+        named = [(n, p.grad if grads else p) for n, p in self._trainable()]
+        named = [(n, _local(t)) for n, t in named if t is not None]
+        if not named:
+            return None
+        # one flag per tensor and one host sync (not one per tensor); under FSDP each rank
+        # sees its shard, so the flags are combined across ranks and all ranks agree
+        bad = torch.stack([~torch.isfinite(t).all() if t.numel() else
+                           torch.zeros((), dtype=torch.bool, device=t.device)
+                           for _, t in named]).to(torch.uint8)
+        if self._sharded():
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        hits = bad.nonzero()
+        return named[int(hits[0, 0])][0] if len(hits) else None
 
     def _nonfinite(self, what: str, j: int, n_micro: int, rows: Sequence[int], *,
                    halt: bool = False) -> bool:
@@ -534,13 +550,25 @@ class Trainer:
                     f"the gradient of {bad} is not finite", len(window) - 1, len(window),
                     window[-1]):
                 return None
-        if cfg.max_grad_norm is not None:
-            norm = acc.clip_grad_norm_(params, cfg.max_grad_norm)
+        if cfg.max_grad_norm is not None and not self._sharded():
+            # gradients are whole on every rank here (and already unscaled under fp16:
+            # accelerate's clip_grad_norm_ would unscale a second time, which GradScaler
+            # refuses)
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         else:
             grads = [p.grad for p in params if p.grad is not None]
             norm = torch.linalg.vector_norm(torch.stack(
-                [torch.linalg.vector_norm(g.float()) for g in grads])) if grads else \
-                torch.zeros(())
+                [torch.linalg.vector_norm(_local(g).float()) for g in grads])) if grads else \
+                torch.zeros((), device=acc.device)
+            if self._sharded():
+                # Each rank holds a shard of every gradient: the norm is the root of the
+                # summed squares over ranks. (accelerate's clipping of a parameter subset
+                # under FSDP1 would clip each rank by its own shard's norm.)
+                norm = acc.reduce(norm.square(), reduction="sum").sqrt()
+                if cfg.max_grad_norm is not None:
+                    coef = (cfg.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+                    for g in grads:
+                        g.mul_(coef.to(g.dtype))
         factor = lr_factor(self.step, self.total_steps, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr * group["lr_mult"] * factor
@@ -560,7 +588,8 @@ class Trainer:
             t = torch.tensor([loss_total], dtype=torch.float64, device=acc.device)
             loss_total = float(acc.reduce(t, reduction="sum")[0])
         record = {"step": step, "loss": loss_total / n_items, "lr": cfg.lr * factor,
-                  "grad_norm": float(norm), "items": n_items}
+                  "grad_norm": float(_local(norm) if not hasattr(norm, "full_tensor")
+                                     else norm.full_tensor()), "items": n_items}
         self.history.append(record)
         self.step = step
         self.micro = 0
@@ -605,10 +634,18 @@ class Trainer:
     # -- saving ---------------------------------------------------------------------------
     def _save_model(self, directory: Path) -> Path:
         """Save the trained delta(s) (DeltaModel) or trainable tensors (plain module)."""
+        model = unwrap(self.model)
+        # Under FSDP every rank holds a shard of each tensor: gather them (a collective,
+        # so every rank enters) before the main process writes.
+        with full_parameters(self.model):
+            self._write_model(model, directory)
+        self.accelerator.wait_for_everyone()
+        return directory
+
+    def _write_model(self, model: torch.nn.Module, directory: Path) -> None:
         from deltatune.core import io
         from deltatune.core.model import DeltaModel
 
-        model = unwrap(self.model)
         if self.accelerator.is_main_process:
             if isinstance(model, DeltaModel):
                 trained = [n for n in model.active if model.get_delta(n).trainable] or \
@@ -622,8 +659,6 @@ class Trainer:
                 with io.atomic_directory(directory) as tmp:
                     io.save_tensors(tmp / ckpt.TRAINABLE_FILE,
                                     {n: p.detach() for n, p in self._trainable()})
-        self.accelerator.wait_for_everyone()
-        return directory
 
     def _state(self) -> dict[str, Any]:
         scaler = getattr(self.accelerator, "scaler", None)
@@ -643,21 +678,29 @@ class Trainer:
         """Write a checkpoint of the current position atomically; return its directory."""
         acc = self.accelerator
         path = self.output_dir / ckpt.CHECKPOINTS / ckpt.checkpoint_name(self.step, self.micro)
-        if acc.is_main_process:
-            trainable = self._trainable()
-            data = ckpt.CheckpointData(
-                state=self._state(),
-                trainable={n: p.detach() for n, p in trainable},
-                grads=({n: p.grad.detach() if p.grad is not None else torch.zeros_like(p)
-                        for n, p in trainable} if self.micro else None),
-                optimizer=self.optimizer.state_dict(),
-                rng=ckpt.rng_state(),
-                callbacks=[cb.state_dict() for cb in self.method_callbacks])
-            ckpt.write_checkpoint(path, data)
-            # Complete from here on (a second signal during pruning must name this one).
-            self.last_checkpoint = path
-            ckpt.prune(self.output_dir, self.config.keep_checkpoints, protect=path)
-            self._write_log()
+        fsdp = acc.distributed_type == "FSDP"
+        if fsdp and acc.is_main_process and not getattr(self, "_warned_fsdp_ckpt", False):
+            # the optimizer state (and mid-window gradients) live in per-rank shards;
+            # the checkpoint keeps the whole delta and the position, not the moments
+            logger.warning("under FSDP checkpoints hold the gathered delta and the position "
+                           "but not the optimizer state or partial gradients")
+            self._warned_fsdp_ckpt = True
+        with full_parameters(self.model):  # every rank enters: gathering is collective
+            if acc.is_main_process:
+                trainable = self._trainable()
+                data = ckpt.CheckpointData(
+                    state=self._state(),
+                    trainable={n: p.detach() for n, p in trainable},
+                    grads=({n: p.grad.detach() if p.grad is not None else torch.zeros_like(p)
+                            for n, p in trainable} if self.micro and not fsdp else None),
+                    optimizer=None if fsdp else self.optimizer.state_dict(),
+                    rng=ckpt.rng_state(),
+                    callbacks=[cb.state_dict() for cb in self.method_callbacks])
+                ckpt.write_checkpoint(path, data)
+                # Complete from here on (a second signal during pruning must name this one).
+                self.last_checkpoint = path
+                ckpt.prune(self.output_dir, self.config.keep_checkpoints, protect=path)
+                self._write_log()
         acc.wait_for_everyone()
         self.last_checkpoint = path
         return path
@@ -669,6 +712,11 @@ class Trainer:
         its data, its process count or its parameter names differ from this run's.
         """
         path = Path(path)
+        if self.accelerator.distributed_type == "FSDP":
+            raise ConfigError(f"resuming {path} under FSDP is not supported (parameters and "
+                              f"optimizer state are sharded across ranks): resume it with DDP "
+                              f"or one process; the checkpoint holds the whole delta",
+                              field="resume")
         partial = self.config.allow_partial_resume
         data = ckpt.read_checkpoint(path, partial=partial)
         st = data.state
@@ -823,6 +871,48 @@ def _fix_optimizer_state(state: dict[str, Any]) -> dict[str, Any]:
 
 WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.",
                     "_orig_mod.")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``t`` (an FSDP2 DTensor's local shard; any other tensor as is)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+@contextlib.contextmanager
+def full_parameters(model: torch.nn.Module) -> Iterator[None]:
+    """Inside the context, FSDP-sharded parameters of ``model`` are whole on every rank.
+
+    FSDP1 (``use_orig_params``) shows each rank a flat 1-D slice of every parameter between
+    steps, FSDP2 a DTensor shard; saving either as the delta would write one rank's piece.
+    This gathers them (every rank must enter: it is a collective) and puts the shards back
+    afterwards; changes made inside are not written back. A model without FSDP is left
+    alone.
+    """
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
+    except ImportError:  # torch built without distributed
+        yield
+        return
+    if isinstance(model, FSDP1) or any(isinstance(m, FSDP1) for m in model.modules()):
+        with FSDP1.summon_full_params(model, writeback=False):
+            yield
+        return
+    # FSDP2 (and any DTensor parameters): gather each one whole and register it in place of
+    # the shard while the context lasts. Every rank walks the modules in the same order,
+    # so the collectives match.
+    swapped = []
+    try:
+        for module in model.modules():
+            for name, p in list(module._parameters.items()):
+                if p is not None and hasattr(p, "full_tensor"):
+                    full = torch.nn.Parameter(p.full_tensor().detach(),
+                                              requires_grad=p.requires_grad)
+                    module._parameters[name] = full
+                    swapped.append((module, name, p))
+        yield
+    finally:
+        for module, name, p in swapped:
+            module._parameters[name] = p
 
 
 def _unwrapped_name(name: str) -> str:

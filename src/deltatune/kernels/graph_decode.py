@@ -1,0 +1,135 @@
+"""Greedy decoding with a static KV cache, each step replayed from one captured CUDA graph.
+
+Decoding one token with a 1B model is ~100 small kernels whose launch and Python dispatch
+cost more than their arithmetic (docs/performance.md); LoRA adds a few per layer. Replaying
+a captured graph removes that overhead for the base model, the merged model and unmerged
+(or mixed-batch) deltas alike, so they are compared like with like.
+
+Switching adapters does not recapture: the graph reads the delta tensors where they live,
+so copying another adapter's weights into them (``DeltaModel.load_delta_state_dict``, an
+in-place ``copy_`` of same-shaped tensors) changes what the next replay computes. Changing
+the *set or shape* of tensors (another rank, attaching a delta, merging) needs a new
+:class:`GraphDecoder`. Row routing (``delta_names``) is fixed at capture time.
+
+Without CUDA (or with ``use_graph=False``) the same static-cache step runs eagerly: the
+CPU tests check it against Hugging Face ``generate``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from deltatune.core.errors import ConfigError
+
+
+class GraphDecoder:
+    """Greedy decoding of ``batch`` rows up to ``max_len`` tokens, one CUDA graph per step.
+
+    ``forward_kwargs`` go to every forward call (e.g. ``delta_names`` for a mixed batch).
+    :attr:`captures` counts graph captures: it stays 1 however many sequences are decoded
+    and however many times the adapter weights are swapped in place.
+    """
+
+    def __init__(self, model: torch.nn.Module, batch: int, max_len: int, *,
+                 use_graph: bool | None = None,
+                 forward_kwargs: dict[str, Any] | None = None) -> None:
+        from transformers import StaticCache
+
+        self.model = model
+        self.batch, self.max_len = batch, max_len
+        param = next(model.parameters())
+        self.device = param.device
+        self.use_graph = self.device.type == "cuda" if use_graph is None else use_graph
+        if self.use_graph and self.device.type != "cuda":
+            raise ConfigError("CUDA graphs need the model on a CUDA device", field="use_graph")
+        self.kwargs = dict(forward_kwargs or {})
+        config = getattr(model, "config", None) or model.model.config
+        self.cache = StaticCache(config=config, max_cache_len=max_len)
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.next = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.captures = 0
+        self._warmed = False
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=ids, past_key_values=self.cache, cache_position=positions,
+                         position_ids=positions.view(1, -1).expand(ids.shape[0], -1),
+                         use_cache=True, logits_to_keep=1, **self.kwargs)
+        return out.logits[:, -1]
+
+    def _step(self) -> None:
+        # argmax on the device into a fixed buffer: nothing leaves the graph
+        self.next.copy_(self._forward(self.ids, self.pos).argmax(-1))
+
+    def _counters(self) -> list[torch.Tensor]:
+        # recent transformers keep each static layer's fill level in a device tensor that
+        # every update advances (it, not ``cache_position``, says where K/V are written)
+        return [c for layer in getattr(self.cache, "layers", [])
+                if isinstance(c := getattr(layer, "cumulative_length", None), torch.Tensor)]
+
+    def _warm_up(self) -> None:
+        """Run two steps at the current position and undo their effect on the cache.
+
+        Before a capture this settles allocator pools and library handles (on a side
+        stream); it runs in eager mode too (once per decoder), so the CPU tests exercise it.
+        Both steps write the K/V of position ``pos``, which the next real step rewrites; the
+        fill counters they advanced are put back in place (the graph reads these tensors).
+        """
+        counters = self._counters()
+        saved = [c.clone() for c in counters]
+        cuda = self.device.type == "cuda"
+        stream = torch.cuda.Stream() if cuda else None
+        if cuda:
+            stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+            for _ in range(2):
+                self._step()
+        if cuda:
+            torch.cuda.current_stream().wait_stream(stream)
+        for c, v in zip(counters, saved):
+            c.copy_(v)
+        self._warmed = True
+
+    def _capture(self) -> None:
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._step()
+        self.captures += 1
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        """Return the ``new_tokens`` greedy tokens after ``input_ids`` (batch, new_tokens).
+
+        All rows share the prompt length (no padding). The first call captures the graph.
+        """
+        rows, length = input_ids.shape
+        if rows != self.batch or length + new_tokens > self.max_len:
+            raise ConfigError(f"prompt of shape {tuple(input_ids.shape)} + {new_tokens} new "
+                              f"tokens does not fit this decoder (batch {self.batch}, "
+                              f"max_len {self.max_len}): build one with those sizes",
+                              field="input_ids")
+        self.cache.reset()
+        prompt = torch.arange(length, device=self.device)
+        first = self._forward(input_ids.to(self.device), prompt).argmax(-1)
+        out = [first]
+        self.ids.copy_(first.view(-1, 1))
+        for i in range(new_tokens - 1):
+            self.pos.fill_(length + i)
+            if not self._warmed:
+                self._warm_up()
+            if self.use_graph:
+                if self.graph is None:
+                    self._capture()
+                self.graph.replay()
+            else:
+                self._step()
+            out.append(self.next.clone())
+            self.ids.copy_(self.next.view(-1, 1))
+        return torch.stack(out, 1)
+
+
+__all__ = ["GraphDecoder"]
