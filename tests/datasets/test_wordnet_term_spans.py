@@ -64,6 +64,9 @@ def real_deb(tmp_path):
     return make_deb(tmp_path / "wordnet-base_1%3a3.0-99_all.deb", files)
 
 
+FAITHFUL = "we do not doubt that England has a faithful patriot in the Lord Chancellor"
+
+
 def _by_sentence(rows):
     return {(r["query"], r["example"]): list(zip(r["tokens"], r["tags"])) for r in rows}
 
@@ -98,11 +101,10 @@ def test_rows_from_real_wordnet_lines_are_tagged_exactly(real_deb):
         ("faithful", "years of faithful service"):
             [("years", "O"), ("of", "O"), ("faithful", "B-ADJ"), ("service", "O")],
         ("faithful", "faithful employees"): [("faithful", "B-ADJ"), ("employees", "O")],
-        ("faithful", "we do not doubt that England has a faithful patriot in the Lord "
-                     "Chancellor"):
-            [(t, "B-ADJ" if t == "faithful" else "O") for t in
-             "we do not doubt that England has a faithful patriot in the Lord Chancellor".split()],
-        ("quickly", "he works quickly"): [("he", "O"), ("works", "O"), ("quickly", "B-ADV")],
+        ("faithful", FAITHFUL):
+            [(t, "B-ADJ" if t == "faithful" else "O") for t in FAITHFUL.split(" ")],
+        ("quickly", "he works quickly"):
+            [("he", "O"), ("works", "O"), ("quickly", "B-ADV")],
     }
     # "He abandoned the thought..." uses an inflected form: skipped, and counted
     assert dropped == {"no synset word occurs verbatim in the example": 1}

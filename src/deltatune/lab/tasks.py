@@ -72,6 +72,9 @@ class LabTask:
     head_modules: tuple[str, ...] = ()
     supports_icl: bool = False
     sizes: ClassVar[dict[str, TaskSize]] = {}
+    # config values a method gets on this task unless the run overrides them. P-tuning's
+    # pseudo tokens are prepended (the peft layout): the lab's inputs carry no [P] slots.
+    method_defaults: ClassVar[dict[str, dict[str, Any]]] = {"ptuning": {"placement": "prefix"}}
 
     def size(self, name: str) -> TaskSize:
         """Return the :class:`TaskSize` called ``name`` (``default`` or ``full``)."""
@@ -373,6 +376,151 @@ class DefinitionTask(LabTask):
                  "example": f"{rows[0]['prompt']} -> {preds[0]}"}, batch)
 
 
+# -- classification through a causal LM's label words ------------------------------------
+class PromptSentimentTask(LabTask):
+    """Rotten Tomatoes scored by SmolLM2 through a template and a verbaliser (no new head).
+
+    The hand-written template is ``"Review: {text}\nSentiment:"`` and the verbaliser maps
+    negative/positive to the first token of " negative" / " positive": the class scores
+    are the LM's logits of those two tokens after "Sentiment:". Trained methods learn to
+    put the right word there (loss: the LM's cross-entropy on that one token). ``manual``
+    (0-shot) and ``icl`` (k-shot) score the untuned model through the same template.
+    """
+
+    name = "sentiment-lm"
+    description = ("Rotten Tomatoes critic snippets -> ' positive'/' negative' after a manual "
+                   "template 'Review: {text}\\nSentiment:', SmolLM2-135M-Instruct, label-word "
+                   "logits; accuracy on held-out movies")
+    model_name = "smollm2-135m-instruct"
+    metric = "accuracy"
+    dataset = "rotten-tomatoes"
+    supports_icl = True
+    template = "Review: {text}\nSentiment:"
+    label_names = ("negative", "positive")
+    verbalizer: ClassVar[dict[str, str]] = {"negative": " negative", "positive": " positive"}
+    sizes: ClassVar[dict[str, TaskSize]] = {
+        "default": TaskSize(train_examples=1000, eval_examples=200, steps=30, batch_size=8,
+                            max_length=64),
+        "full": TaskSize(train_examples=10157, eval_examples=1303, steps=2000, batch_size=16,
+                         max_length=128, latency_batch=16, latency_repeats=20),
+    }
+
+    def rows(self, split: str) -> list[dict]:
+        """Return ``{"text", "label"}`` rows of one split."""
+        from deltatune import datasets
+
+        return datasets.load(self.dataset, split)
+
+    def load(self, device: torch.device) -> Loaded:
+        """Load SmolLM2 (causal LM) with a pad token distinct from eos."""
+        from deltatune import models
+
+        model, tok = models.load(self.model_name, task="causal-lm")
+        models.ensure_pad_token(tok, model)
+        return Loaded(model.to(device), tok, device)
+
+    def label_token_ids(self, tokenizer: Any) -> list[int]:
+        """First token of each label word, in :attr:`label_names` order."""
+        ids = [tokenizer(self.verbalizer[n], add_special_tokens=False)["input_ids"][0]
+               for n in self.label_names]
+        if len(set(ids)) != len(ids):
+            raise ConfigError("two label words start with the same token", field="verbalizer")
+        return ids
+
+    def _prompt_ids(self, tokenizer: Any, row: dict, max_length: int, demos: str = "") -> list[int]:
+        # the review is cut, never the template: the label word must follow "Sentiment:"
+        head, _, tail = self.template.partition("{text}")
+        text = tokenizer(" " + row["text"].strip(), add_special_tokens=False)["input_ids"]
+        pre = tokenizer(demos + head.rstrip(), add_special_tokens=False)["input_ids"]
+        post = tokenizer(tail, add_special_tokens=False)["input_ids"]
+        room = max(1, max_length - len(post) - 1 - (0 if demos else len(pre)))
+        return pre + text[:room] + post
+
+    def _pad(self, loaded: Loaded, seqs: list[list[int]], labels: list[list[int]] | None
+             ) -> Batch:
+        pad = loaded.tokenizer.pad_token_id
+        width = max(len(q) for q in seqs)
+        batch = {"input_ids": torch.tensor([q + [pad] * (width - len(q)) for q in seqs]),
+                 "attention_mask": torch.tensor([[1] * len(q) + [0] * (width - len(q))
+                                                 for q in seqs])}
+        if labels is not None:
+            batch["labels"] = torch.tensor([y + [-100] * (width - len(y)) for y in labels])
+        return {k: v.to(loaded.device) for k, v in batch.items()}
+
+    def _encode_train(self, loaded: Loaded, rows: Sequence[dict], max_length: int) -> Batch:
+        label_ids = self.label_token_ids(loaded.tokenizer)
+        seqs, labels = [], []
+        for row in rows:
+            prompt = self._prompt_ids(loaded.tokenizer, row, max_length)
+            word = label_ids[self.label_names.index(row["label"])]
+            seqs.append([*prompt, word])
+            labels.append([-100] * len(prompt) + [word])
+        return self._pad(loaded, seqs, labels)
+
+    def _train_rows(self, size: TaskSize) -> list[dict]:
+        return _balanced(self.rows("train"), size.train_examples, "label", 0)
+
+    def _eval_rows(self, size: TaskSize) -> list[dict]:
+        return _balanced(self.rows("test"), size.eval_examples, "label", 0)
+
+    def train_batches(self, loaded: Loaded, size: TaskSize, seed: int) -> list[Batch]:
+        """Return ``steps`` seeded batches of prompt + label word (only the word is scored)."""
+        pool = self._train_rows(size)
+        order = _epoch_order(len(pool), size.steps * size.batch_size, seed)
+        return [self._encode_train(loaded, [pool[i] for i in idx], size.max_length)
+                for idx in _chunks(order, size.batch_size)]
+
+    @torch.no_grad()
+    def _score(self, model: Any, loaded: Loaded, prompts: list[list[int]]) -> torch.Tensor:
+        """Label-word logits (rows, classes) at each prompt's last token."""
+        model.eval()
+        label_ids = self.label_token_ids(loaded.tokenizer)
+        out = []
+        for chunk in _chunks(prompts, 16):
+            batch = self._pad(loaded, list(chunk), None)
+            logits = model(**batch).logits
+            last = batch["attention_mask"].sum(1) - 1
+            rows = torch.arange(len(last), device=last.device)
+            out.append(logits[rows, last][:, label_ids].float().cpu())
+        return torch.cat(out)
+
+    def _metrics(self, scores: torch.Tensor, rows: Sequence[dict]) -> dict[str, Any]:
+        gold = torch.tensor([self.label_names.index(r["label"]) for r in rows])
+        pred = scores.argmax(-1)
+        loss = torch.nn.functional.cross_entropy(scores, gold)
+        return {"accuracy": float((pred == gold).float().mean()),
+                "label_word_loss": float(loss),
+                "predicted_positive": float(pred.float().mean())}
+
+    def evaluate(self, model: Any, loaded: Loaded, size: TaskSize) -> dict[str, Any]:
+        """Accuracy of the label word with the higher logit on the balanced held-out rows."""
+        rows = self._eval_rows(size)
+        prompts = [self._prompt_ids(loaded.tokenizer, r, size.max_length) for r in rows]
+        return self._metrics(self._score(model, loaded, prompts), rows)
+
+    def latency_batch(self, loaded: Loaded, size: TaskSize) -> Batch:
+        """The prompts of the first held-out rows (one forward pass scores them)."""
+        rows = self._eval_rows(size)[:size.latency_batch]
+        return self._pad(loaded, [self._prompt_ids(loaded.tokenizer, r, size.max_length)
+                                  for r in rows], None)
+
+    def demonstrations(self, size: TaskSize, shots: int, seed: int) -> str:
+        """``shots`` answered training rows (labels balanced, drawn per seed) as text."""
+        demos = _balanced(self._train_rows(size), shots, "label", seed)
+        return "".join(self.template.format(text=d["text"].strip()) + " " + d["label"] + "\n\n"
+                       for d in demos)
+
+    def evaluate_icl(self, loaded: Loaded, size: TaskSize, shots: int, seed: int
+                     ) -> tuple[dict[str, Any], Batch]:
+        """Score the untuned model: 0 shots is the manual prompt, k shots adds demonstrations."""
+        demos = self.demonstrations(size, shots, seed) if shots else ""
+        rows = self._eval_rows(size)
+        prompts = [self._prompt_ids(loaded.tokenizer, r, size.max_length, demos) for r in rows]
+        metrics = self._metrics(self._score(loaded.model, loaded, prompts), rows)
+        metrics["shots"] = float(shots)
+        return metrics, self._pad(loaded, prompts[:size.latency_batch], None)
+
+
 # -- sequence labelling -------------------------------------------------------------------
 class TermSpanTask(LabTask):
     """BIO spans of a query word in WordNet example sentences, typed by part of speech.
@@ -506,6 +654,7 @@ _TASKS: dict[str, Callable[[], LabTask]] = {
     "sentiment": SentimentTask,
     "definitions": DefinitionTask,
     "term-spans": TermSpanTask,
+    "sentiment-lm": PromptSentimentTask,
 }
 
 
