@@ -97,7 +97,7 @@ def test_term_spans_truncated_words_are_predicted_outside():
     task = TinyTermSpans()
     loaded = task.load(torch.device("cpu"))
     # the char tokenizer adds no special tokens: 7 positions hold "dog" and part of the sentence
-    batch, firsts = task.encode(loaded, SPAN_ROWS[:1], 7)
+    _, firsts = task.encode(loaded, SPAN_ROWS[:1], 7)
     assert len(firsts[0]) < 3
     preds, _ = task.predict(loaded.model, loaded, SPAN_ROWS[:1], 7)
     assert len(preds[0]) == 3 and preds[0][len(firsts[0]):] == ["O"] * (3 - len(firsts[0]))
