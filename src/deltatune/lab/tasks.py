@@ -399,7 +399,7 @@ class PromptSentimentTask(LabTask):
     label_names = ("negative", "positive")
     verbalizer: ClassVar[dict[str, str]] = {"negative": " negative", "positive": " positive"}
     sizes: ClassVar[dict[str, TaskSize]] = {
-        "default": TaskSize(train_examples=1000, eval_examples=200, steps=30, batch_size=8,
+        "default": TaskSize(train_examples=1000, eval_examples=120, steps=30, batch_size=8,
                             max_length=64),
         "full": TaskSize(train_examples=10157, eval_examples=1303, steps=2000, batch_size=16,
                          max_length=128, latency_batch=16, latency_repeats=20),
