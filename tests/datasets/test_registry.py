@@ -26,7 +26,7 @@ def test_registered_names():
     assert [s.name for s in D.list_datasets()] == [
         "bbc-news", "hamlet", "rotten-tomatoes", "spamassassin", "spamassassin-hard",
         "tweets-sentiment", "wordnet-definitions", "wordnet-definitions-demo",
-        "wordnet-lexnames"]
+        "wordnet-lexnames", "wordnet-term-spans"]
     kinds = {s.name: s.kind for s in D.list_datasets()}
     assert kinds["hamlet"] == "text" and kinds["wordnet-definitions"] == "sft"
 

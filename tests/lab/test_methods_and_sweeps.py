@@ -109,3 +109,15 @@ def test_definition_rouge_takes_the_best_sense():
     # LCS 2, precision 2/3, recall 1 -> F1 0.8
     assert DefinitionTask.rouge_l(["a large bird", "a big victory"], rows) == \
         pytest.approx((1.0 + 0.8) / 2)
+
+
+def test_numeric_sweeps_plot_every_numeric_variant_on_the_x_axis():
+    """x values come from a field the variants really set (prefix length, LoRA rank)."""
+    loaded = Loaded(tiny_bert(num_labels=2), None, torch.device("cpu"))
+    prefix = sweeps.SWEEPS["prefix-length"]
+    xs = prefix.x_values(prefix.variants(loaded, SIZE))
+    # embedding-only and infix are reference lines, not points of the length curve
+    assert xs == {"prefix-1": 1.0, "prefix-5": 5.0, "prefix-10": 10.0, "prefix-20": 20.0,
+                  "prefix-50": 50.0}
+    rank = sweeps.SWEEPS["lora-rank"]
+    assert rank.x_values(rank.variants(loaded, SIZE))["lora-r64"] == 64.0

@@ -15,10 +15,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "parameters, peak memory, throughput, latency, checkpoint size and the "
                     "task metric (mean ± std over seeds). Finished runs in --out are reused.")
     p.add_argument("--task", default="sentiment",
-                   help="lab task: sentiment (MiniLM, Rotten Tomatoes) or definitions "
-                        "(SmolLM2, WordNet)")
+                   help="lab task: sentiment (MiniLM, Rotten Tomatoes), definitions "
+                        "(SmolLM2, WordNet), term-spans (MiniLM, BIO spans in WordNet "
+                        "examples) or sentiment-lm (SmolLM2, template + verbaliser)")
     p.add_argument("--methods", default="full,bitfit,lora",
-                   help="comma-separated methods, e.g. full,bitfit,lora,ia3,houlsby,icl")
+                   help="comma-separated methods, e.g. full,bitfit,lora,ia3,houlsby; icl "
+                        "(few-shot) and manual (the untrained template) on LM tasks")
     p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
     p.add_argument("--out", default="lab-runs/compare", help="output directory (resumable)")
     p.add_argument("--full", action="store_true",

@@ -9,7 +9,8 @@ A built data set is a directory ``$DELTATUNE_HOME/data/<name>/`` holding ``train
 ``validation.jsonl``, ``test.jsonl``, ``meta.json`` (source, licence, counts, label names,
 how it was built) and ``manifest.json`` (checksums). Rows are
 ``{"text", "label", ...}`` for classification, ``{"prompt", "response", ...}`` for
-instruction data and ``{"text", ...}`` for raw text. ``wordnet-definitions-demo`` ships
+instruction data, ``{"text", ...}`` for raw text and ``{"tokens", "tags", ...}`` (BIO tags,
+one per token) for sequence labelling. ``wordnet-definitions-demo`` ships
 inside the package and needs no network. One module per source; each registers its
 data sets with :func:`register`.
 """
@@ -204,15 +205,28 @@ def _check_result(spec: DatasetSpec, result: BuildResult) -> None:
         raise DataError(f"builder of {spec.name} returned splits {sorted(result.splits)}, "
                         f"expected {list(SPLITS)}")
     required = {"classification": ("text", "label"), "sft": ("prompt", "response"),
-                "text": ("text",)}[spec.kind]
+                "text": ("text",), "tagging": ()}[spec.kind]
     for split, rows in result.splits.items():
         if not rows and split == "train":
             raise DataError(f"{spec.name}: the build produced no training rows; the source "
                             f"archive is empty or not the expected one")
         for row in rows:
+            if spec.kind == "tagging":
+                _check_tagging_row(spec.name, split, row)
+                continue
             if any(not isinstance(row.get(f), str) or not row[f] for f in required):
                 raise DataError(f"{spec.name}/{split}: row without non-empty {required}: "
                                 f"{str(row)[:200]}")
+
+
+def _check_tagging_row(name: str, split: str, row: Row) -> None:
+    """A tagging row has equally long, non-empty lists of string ``tokens`` and ``tags``."""
+    tokens, tags = row.get("tokens"), row.get("tags")
+    if not (isinstance(tokens, list) and isinstance(tags, list) and tokens
+            and len(tokens) == len(tags)
+            and all(isinstance(t, str) and t for t in [*tokens, *tags])):
+        raise DataError(f"{name}/{split}: a tagging row needs equally long non-empty lists of "
+                        f"strings 'tokens' and 'tags': {str(row)[:200]}")
 
 
 def info(name: str) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from typing import Any, Literal
 from deltatune.core.errors import DataError
 
 SPLITS = ("train", "validation", "test")
-Kind = Literal["classification", "sft", "text"]
+Kind = Literal["classification", "sft", "text", "tagging"]
 Row = dict[str, Any]
 
 

@@ -9,13 +9,20 @@ offsets in order of sense frequency; ``cntlist.rev`` lines are
 by example sentences in double quotes: ``a dog; "the dog barked all night"``. Lines that
 start with two spaces are the licence header.
 
-Two data sets:
+Three data sets:
 
 - ``wordnet-definitions``: "Define the word X (noun)." -> the definition of X's most
   frequent sense, one row per (word, part of speech). Split by word: a held-out word
   never appears in train under any part of speech.
 - ``wordnet-lexnames``: a synset's definition -> its lexicographer file (45 classes,
   lexnames(5WN)), one row per synset, stratified split.
+- ``wordnet-term-spans``: sequence labelling with labels exact by construction. A gloss's
+  example sentences illustrate the synset's words; where one of them occurs verbatim
+  (same tokens, any case) in an example, the row is (query = that word, the sentence's
+  tokens, BIO tags marking every occurrence, typed by the synset's part of speech:
+  ``B-NOUN``/``I-NOUN``, ``-VERB``, ``-ADJ``, ``-ADV``). Inflected uses ("barked" for
+  "bark") are not occurrences, so such examples are skipped. Split by word: a test word
+  (and every sentence it tags) never appears in train.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections import Counter
+from collections.abc import Sequence
 from importlib import resources
 
 from deltatune.core.errors import DataError
@@ -275,6 +283,101 @@ def lexname_rows(wn: WordNet) -> tuple[list[Row], dict[str, int]]:
     return rows, dict(dropped)
 
 
+# Tokens of a sentence: words with inner apostrophes, dots or hyphens ("don't", "U.S",
+# "well-known") stay whole; any other non-space character is a token of its own.
+TOKEN_RE = re.compile(r"[A-Za-z0-9]+(?:['.-][A-Za-z0-9]+)*|[^\sA-Za-z0-9]")
+SPAN_TYPES = {"n": "NOUN", "v": "VERB", "a": "ADJ", "s": "ADJ", "r": "ADV"}
+TERM_TAGS = ("O", *(f"{b}-{t}" for t in ("NOUN", "VERB", "ADJ", "ADV") for b in "BI"))
+TERM_FRACTIONS = (0.8, 0.1, 0.1)
+
+
+def tokenize(text: str) -> list[str]:
+    """Split a sentence into the tokens the tagging rows use (:data:`TOKEN_RE`)."""
+    return TOKEN_RE.findall(text)
+
+
+def tag_occurrences(tokens: Sequence[str], term: Sequence[str], span_type: str
+                    ) -> list[str] | None:
+    """BIO tags marking every occurrence of the token sequence ``term`` in ``tokens``.
+
+    Matching ignores case; occurrences are taken left to right without overlap. Returns
+    None when ``term`` does not occur.
+    """
+    low = [t.lower() for t in tokens]
+    want = [t.lower() for t in term]
+    tags = ["O"] * len(tokens)
+    found, i = False, 0
+    while want and i + len(want) <= len(low):
+        if low[i:i + len(want)] == want:
+            tags[i] = f"B-{span_type}"
+            for j in range(i + 1, i + len(want)):
+                tags[j] = f"I-{span_type}"
+            found = True
+            i += len(want)
+        else:
+            i += 1
+    return tags if found else None
+
+
+def term_span_rows(wn: WordNet) -> tuple[list[Row], dict[str, int]]:
+    """One tagging row per (synset, example sentence, synset word occurring in it).
+
+    Rows with the same query and tokens (any case) are kept once when their tags agree;
+    when they disagree (one sentence illustrating the word as two parts of speech) all of
+    them are dropped, since no single tagging is right. Returns rows and drop counts.
+    """
+    candidates: dict[tuple[str, tuple[str, ...]], list[Row]] = {}
+    dropped: Counter[str] = Counter()
+    for key in sorted(wn.synsets):
+        s = wn.synsets[key]
+        for example in s.examples:
+            tokens = tokenize(example)
+            hit = False
+            for word in dict.fromkeys(w.replace("_", " ") for w in s.words):
+                term = tokenize(word)
+                if not term or not any(ch.isalnum() for ch in word):
+                    continue
+                tags = tag_occurrences(tokens, term, SPAN_TYPES[s.ss_type])
+                if tags is None:
+                    continue
+                hit = True
+                row = {"query": word, "tokens": tokens, "tags": tags,
+                       "pos": POS_NAMES[s.ss_type], "lexname": s.lexname,
+                       "synset": s.synset_id, "example": example}
+                ident = (word.lower(), tuple(t.lower() for t in tokens))
+                candidates.setdefault(ident, []).append(row)
+            if not hit:
+                dropped["no synset word occurs verbatim in the example"] += 1
+    rows: list[Row] = []
+    for group in candidates.values():
+        if len({tuple(r["tags"]) for r in group}) > 1:
+            dropped["same word and sentence tagged differently by two synsets"] += len(group)
+            continue
+        if len(group) > 1:
+            dropped["duplicate (same word, same sentence, same tags)"] += len(group) - 1
+        rows.append(group[0])
+    return rows, dict(sorted(dropped.items()))
+
+
+def _linked_groups(rows: Sequence[Row]) -> list[str]:
+    """A group id per row such that rows sharing a word or a sentence share a group."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for r in rows:
+        a = find("w:" + r["query"].lower())
+        b = find("s:" + " ".join(r["tokens"]).lower())
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    return [find("w:" + r["query"].lower()) for r in rows]
+
+
 SOURCE = Source("debian", "wordnet-base", "",
                 ("usr/share/wordnet/data.{noun,verb,adj,adv}",
                  "usr/share/wordnet/index.{noun,verb,adj,adv}", "usr/share/wordnet/cntlist.rev"))
@@ -345,6 +448,47 @@ def build_lexnames(ctx: BuildContext) -> BuildResult:
     })
 
 
+def build_term_spans(ctx: BuildContext) -> BuildResult:
+    """Builder of ``wordnet-term-spans``."""
+    wn = read_wordnet(ctx.archive(), ctx.progress)
+    rows, dropped = term_span_rows(wn)
+    for row, group in zip(rows, _linked_groups(rows)):
+        row["group"] = group
+    splits = group_split(rows, group=lambda r: r["group"],
+                         key=lambda r: f"{r['synset']}|{r['query']}|{r['example']}", seed=SEED,
+                         fractions=TERM_FRACTIONS)
+    for split_rows in splits.values():
+        for row in split_rows:
+            del row["group"]
+    spans = {s: sum(t.startswith("B-") for r in rs for t in r["tags"])
+             for s, rs in splits.items()}
+    return BuildResult(splits=splits, build={
+        "task": "sequence labelling (BIO): given a query word and a WordNet example "
+                "sentence, tag every verbatim occurrence of the word, typed by the part of "
+                "speech it has in that synset (NOUN, VERB, ADJ, ADV)",
+        "labels_exact_by_construction": "tags come from string matching of the synset's own "
+                                        "words in its own example sentences, not from a "
+                                        "tagger or annotators",
+        "unit": "one row per (synset, example sentence, synset word occurring verbatim in "
+                "it); multi-word synset words (collocations) give multi-token spans",
+        "tokenizer": f"regex {TOKEN_RE.pattern!r} on the example and on the word",
+        "tag_set": list(TERM_TAGS),
+        "filters": ["examples where no synset word occurs verbatim (case-insensitive) are "
+                    "skipped: inflected uses are not occurrences",
+                    "a (word, sentence) pair tagged differently by two synsets is dropped"],
+        "dropped": dropped, "spans": spans,
+        "split": f"by word, 80/10/10, groups in sha256(seed, group) order fill validation, "
+                 f"then test, then train (seed {SEED}); a group joins words that tag the same "
+                 f"sentence, so held-out words and held-out sentences are both unseen in "
+                 f"train",
+        "seed": SEED,
+        "fields": {"query": "the synset word to find (spaces for underscores)",
+                   "tokens": "the example sentence's tokens", "tags": "BIO tag per token",
+                   "pos": "part of speech of the synset", "lexname": "lexicographer file",
+                   "synset": "pos letter + offset", "example": "the example sentence"},
+    })
+
+
 register(DatasetSpec(
     name="wordnet-definitions", kind="sft",
     description="WordNet 3.0 definitions as instructions: 'Define the word X (noun).' -> the "
@@ -358,3 +502,9 @@ register(DatasetSpec(
     source=SOURCE, licence=LICENCE, notice=license_text(), builder=build_lexnames,
     citation=CITATION))
 
+register(DatasetSpec(
+    name="wordnet-term-spans", kind="tagging",
+    description="WordNet 3.0 example sentences: tag the query word's occurrences as BIO spans "
+                "typed by part of speech (labels exact by construction); split by word",
+    source=SOURCE, licence=LICENCE, notice=license_text(), builder=build_term_spans,
+    citation=CITATION))

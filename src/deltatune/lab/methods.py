@@ -34,6 +34,8 @@ DEFAULT_LR: dict[str, float] = {
 }
 FALLBACK_LR = 1e-3
 ICL = "icl"
+# The untrained hand-written prompt (P-tuning's baseline): ICL with no demonstrations.
+MANUAL = "manual"
 # Lab spellings of registered method names (the SPEC's and the papers' short names).
 ALIASES = {"parallel": "parallel_adapter", "ptuning-v2": "ptuning_v2", "p-tuning-v2": "ptuning_v2",
            "p-tuning": "ptuning", "prompt-tuning": "prompt", "prefix-tuning": "prefix"}
@@ -83,7 +85,7 @@ def registered() -> list[str]:
 
 def check_available(method: str) -> None:
     """Raise a clear error unless ``method`` can run in this build."""
-    if method == ICL:
+    if method in (ICL, MANUAL):
         return
     names = registered()
     if resolve(method) in names:
@@ -93,10 +95,10 @@ def check_available(method: str) -> None:
             f"method {method!r} is part of the lab's comparison but is not available in this "
             f"deltatune build yet (registered: {', '.join(names)}); leave it out of --methods",
             field="methods")
-    close = difflib.get_close_matches(method, [*names, ICL, *LAB_METHODS], n=1)
+    close = difflib.get_close_matches(method, [*names, ICL, MANUAL, *LAB_METHODS], n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise UnknownMethodError(f"unknown method {method!r}.{hint} Known: "
-                             f"{', '.join(sorted(set(names) | {ICL}))}", field="methods")
+                             f"{', '.join(sorted(set(names) | {ICL, MANUAL}))}", field="methods")
 
 
 def parse_methods(text: str | list[str]) -> list[RunSpec]:
@@ -118,7 +120,16 @@ def parse_methods(text: str | list[str]) -> list[RunSpec]:
             problems.append(str(exc))
     if problems:
         raise UnknownMethodError("; ".join(problems), field="methods")
-    return [RunSpec(label=m, method=m) for m in items]
+    return [RunSpec(label=m, method=ICL, shots=0) if m == MANUAL else RunSpec(label=m, method=m)
+            for m in items]
+
+
+def with_task_defaults(spec: RunSpec, defaults: dict[str, dict[str, Any]]) -> RunSpec:
+    """Return ``spec`` with the task's config defaults for its method under its overrides."""
+    base = defaults.get(resolve(spec.method), defaults.get(spec.method, {}))
+    if not spec.trains or not base:
+        return spec
+    return dataclasses.replace(spec, overrides={**base, **spec.overrides})
 
 
 def build_config(spec: RunSpec, head_modules: tuple[str, ...]) -> DeltaConfig:

@@ -28,7 +28,13 @@ import torch
 
 from deltatune.core.errors import DeltaTuneError
 from deltatune.lab import measure, plots
-from deltatune.lab.methods import RunSpec, build_config, check_available, parse_methods
+from deltatune.lab.methods import (
+    RunSpec,
+    build_config,
+    check_available,
+    parse_methods,
+    with_task_defaults,
+)
 from deltatune.lab.results import (
     ResultStore,
     fingerprint,
@@ -162,6 +168,7 @@ def compare(task: str | LabTask, methods: str | Sequence[str] | Sequence[RunSpec
         specs = list(methods)  # type: ignore[arg-type]
         for s in specs:
             check_available(s.method)
+    specs = [with_task_defaults(s, lab_task.method_defaults) for s in specs]
     if lr:
         specs = [dataclasses.replace(s, lr=lr.get(s.label, lr.get(s.method, s.lr)))
                  for s in specs]

@@ -65,9 +65,13 @@ def rank_for_budget(model: nn.Module, suffixes: Sequence[str], budget: int) -> i
     return max(1, round(budget / per_rank))
 
 
-def _numeric(key: str) -> Callable[[list[RunSpec]], dict[str, float]]:
+def _numeric(key: str, *, unless: str | None = None
+             ) -> Callable[[list[RunSpec]], dict[str, float]]:
+    """x value per label from override ``key``; variants setting ``unless`` are left off the
+    line (drawn as reference lines instead, e.g. prefix-length's embedding-only and infix)."""
     def x(specs: list[RunSpec]) -> dict[str, float]:
-        return {s.label: float(s.overrides[key]) for s in specs if key in s.overrides}
+        return {s.label: float(s.overrides[key]) for s in specs
+                if key in s.overrides and (unless is None or unless not in s.overrides)}
     return x
 
 
@@ -182,7 +186,7 @@ SWEEPS: dict[str, Sweep] = {s.name: s for s in [
           "(equal parameter budget)", "sentiment", ("lora",), _lora_targets),
     Sweep("prefix-length", "prefix length: quality rises then plateaus; embedding-only < full "
           "prefix; prefixing > infixing", "definitions", ("prefix", "prompt", "ptuning"),
-          _prefix_length, _numeric("num_virtual_tokens"), "prefix length"),
+          _prefix_length, _numeric("prefix_length", unless="mode"), "prefix length"),
     Sweep("prompt-length-init", "longer prompts help; init random < sampled vocabulary < label "
           "strings", "sentiment", ("prompt",), _prompt_length_init),
     Sweep("krona-init", "KronA: zero-initialising one factor beats Gaussian-initialising both",

@@ -10,8 +10,17 @@ Built in (all offline, see docs/lab.md):
   loss on the answer tokens only); metric: ROUGE-L F1 of greedy definitions of held-out
   words (and answer-token loss). Supports in-context learning (ICL) as a no-training row.
 
-No sequence-labelling task is built in: no NER/BIO data set ships in the registries we can
-reach (../shared/ASSETS.md), and we did not want to present derived tags as a benchmark.
+- ``term-spans``: sequence labelling (BIO) on WordNet example sentences with MiniLM-L6
+  and a new per-token head: given a query word and a sentence, tag the word's verbatim
+  occurrences typed by part of speech (``B-NOUN``, ``I-VERB``...). No NER data ships in
+  the registries we can reach (../shared/ASSETS.md); these labels are exact by
+  construction (string matching of a synset's words in its own examples), and held-out
+  words are the test set. Metric: span F1 (exact spans, CoNLL convention).
+- ``sentiment-lm``: the Rotten Tomatoes snippets scored by SmolLM2-135M-Instruct through
+  a hand-written template and verbaliser (" positive" / " negative" after
+  "Sentiment:"); the ``manual`` row is that prompt untrained (the P-tuning paper's
+  baseline), ``ptuning`` adds trained pseudo tokens in front of it.
+
 Tests register tiny tasks on random models with :func:`register_task`.
 """
 
@@ -63,6 +72,9 @@ class LabTask:
     head_modules: tuple[str, ...] = ()
     supports_icl: bool = False
     sizes: ClassVar[dict[str, TaskSize]] = {}
+    # config values a method gets on this task unless the run overrides them. P-tuning's
+    # pseudo tokens are prepended (the peft layout): the lab's inputs carry no [P] slots.
+    method_defaults: ClassVar[dict[str, dict[str, Any]]] = {"ptuning": {"placement": "prefix"}}
 
     def size(self, name: str) -> TaskSize:
         """Return the :class:`TaskSize` called ``name`` (``default`` or ``full``)."""
@@ -364,9 +376,285 @@ class DefinitionTask(LabTask):
                  "example": f"{rows[0]['prompt']} -> {preds[0]}"}, batch)
 
 
+# -- classification through a causal LM's label words ------------------------------------
+class PromptSentimentTask(LabTask):
+    """Rotten Tomatoes scored by SmolLM2 through a template and a verbaliser (no new head).
+
+    The hand-written template is ``"Review: {text}\nSentiment:"`` and the verbaliser maps
+    negative/positive to the first token of " negative" / " positive": the class scores
+    are the LM's logits of those two tokens after "Sentiment:". Trained methods learn to
+    put the right word there (loss: the LM's cross-entropy on that one token). ``manual``
+    (0-shot) and ``icl`` (k-shot) score the untuned model through the same template.
+    """
+
+    name = "sentiment-lm"
+    description = ("Rotten Tomatoes critic snippets -> ' positive'/' negative' after a manual "
+                   "template 'Review: {text}\\nSentiment:', SmolLM2-135M-Instruct, label-word "
+                   "logits; accuracy on held-out movies")
+    model_name = "smollm2-135m-instruct"
+    metric = "accuracy"
+    dataset = "rotten-tomatoes"
+    supports_icl = True
+    template = "Review: {text}\nSentiment:"
+    label_names = ("negative", "positive")
+    verbalizer: ClassVar[dict[str, str]] = {"negative": " negative", "positive": " positive"}
+    sizes: ClassVar[dict[str, TaskSize]] = {
+        "default": TaskSize(train_examples=1000, eval_examples=120, steps=30, batch_size=8,
+                            max_length=64),
+        "full": TaskSize(train_examples=10157, eval_examples=1303, steps=2000, batch_size=16,
+                         max_length=128, latency_batch=16, latency_repeats=20),
+    }
+
+    def rows(self, split: str) -> list[dict]:
+        """Return ``{"text", "label"}`` rows of one split."""
+        from deltatune import datasets
+
+        return datasets.load(self.dataset, split)
+
+    def load(self, device: torch.device) -> Loaded:
+        """Load SmolLM2 (causal LM) with a pad token distinct from eos."""
+        from deltatune import models
+
+        model, tok = models.load(self.model_name, task="causal-lm")
+        models.ensure_pad_token(tok, model)
+        return Loaded(model.to(device), tok, device)
+
+    def label_token_ids(self, tokenizer: Any) -> list[int]:
+        """First token of each label word, in :attr:`label_names` order."""
+        ids = [tokenizer(self.verbalizer[n], add_special_tokens=False)["input_ids"][0]
+               for n in self.label_names]
+        if len(set(ids)) != len(ids):
+            raise ConfigError("two label words start with the same token", field="verbalizer")
+        return ids
+
+    def _prompt_ids(self, tokenizer: Any, row: dict, max_length: int, demos: str = "") -> list[int]:
+        # the review is cut, never the template: the label word must follow "Sentiment:"
+        head, _, tail = self.template.partition("{text}")
+        text = tokenizer(" " + row["text"].strip(), add_special_tokens=False)["input_ids"]
+        pre = tokenizer(demos + head.rstrip(), add_special_tokens=False)["input_ids"]
+        post = tokenizer(tail, add_special_tokens=False)["input_ids"]
+        room = max(1, max_length - len(post) - 1 - (0 if demos else len(pre)))
+        return pre + text[:room] + post
+
+    def _pad(self, loaded: Loaded, seqs: list[list[int]], labels: list[list[int]] | None
+             ) -> Batch:
+        pad = loaded.tokenizer.pad_token_id
+        width = max(len(q) for q in seqs)
+        batch = {"input_ids": torch.tensor([q + [pad] * (width - len(q)) for q in seqs]),
+                 "attention_mask": torch.tensor([[1] * len(q) + [0] * (width - len(q))
+                                                 for q in seqs])}
+        if labels is not None:
+            batch["labels"] = torch.tensor([y + [-100] * (width - len(y)) for y in labels])
+        return {k: v.to(loaded.device) for k, v in batch.items()}
+
+    def _encode_train(self, loaded: Loaded, rows: Sequence[dict], max_length: int) -> Batch:
+        label_ids = self.label_token_ids(loaded.tokenizer)
+        seqs, labels = [], []
+        for row in rows:
+            prompt = self._prompt_ids(loaded.tokenizer, row, max_length)
+            word = label_ids[self.label_names.index(row["label"])]
+            seqs.append([*prompt, word])
+            labels.append([-100] * len(prompt) + [word])
+        return self._pad(loaded, seqs, labels)
+
+    def _train_rows(self, size: TaskSize) -> list[dict]:
+        return _balanced(self.rows("train"), size.train_examples, "label", 0)
+
+    def _eval_rows(self, size: TaskSize) -> list[dict]:
+        return _balanced(self.rows("test"), size.eval_examples, "label", 0)
+
+    def train_batches(self, loaded: Loaded, size: TaskSize, seed: int) -> list[Batch]:
+        """Return ``steps`` seeded batches of prompt + label word (only the word is scored)."""
+        pool = self._train_rows(size)
+        order = _epoch_order(len(pool), size.steps * size.batch_size, seed)
+        return [self._encode_train(loaded, [pool[i] for i in idx], size.max_length)
+                for idx in _chunks(order, size.batch_size)]
+
+    @torch.no_grad()
+    def _score(self, model: Any, loaded: Loaded, prompts: list[list[int]]) -> torch.Tensor:
+        """Label-word logits (rows, classes) at each prompt's last token."""
+        model.eval()
+        label_ids = self.label_token_ids(loaded.tokenizer)
+        out = []
+        for chunk in _chunks(prompts, 16):
+            batch = self._pad(loaded, list(chunk), None)
+            logits = model(**batch).logits
+            last = batch["attention_mask"].sum(1) - 1
+            rows = torch.arange(len(last), device=last.device)
+            out.append(logits[rows, last][:, label_ids].float().cpu())
+        return torch.cat(out)
+
+    def _metrics(self, scores: torch.Tensor, rows: Sequence[dict]) -> dict[str, Any]:
+        gold = torch.tensor([self.label_names.index(r["label"]) for r in rows])
+        pred = scores.argmax(-1)
+        loss = torch.nn.functional.cross_entropy(scores, gold)
+        return {"accuracy": float((pred == gold).float().mean()),
+                "label_word_loss": float(loss),
+                "predicted_positive": float(pred.float().mean())}
+
+    def evaluate(self, model: Any, loaded: Loaded, size: TaskSize) -> dict[str, Any]:
+        """Accuracy of the label word with the higher logit on the balanced held-out rows."""
+        rows = self._eval_rows(size)
+        prompts = [self._prompt_ids(loaded.tokenizer, r, size.max_length) for r in rows]
+        return self._metrics(self._score(model, loaded, prompts), rows)
+
+    def latency_batch(self, loaded: Loaded, size: TaskSize) -> Batch:
+        """The prompts of the first held-out rows (one forward pass scores them)."""
+        rows = self._eval_rows(size)[:size.latency_batch]
+        return self._pad(loaded, [self._prompt_ids(loaded.tokenizer, r, size.max_length)
+                                  for r in rows], None)
+
+    def demonstrations(self, size: TaskSize, shots: int, seed: int) -> str:
+        """``shots`` answered training rows (labels balanced, drawn per seed) as text."""
+        demos = _balanced(self._train_rows(size), shots, "label", seed)
+        return "".join(self.template.format(text=d["text"].strip()) + " " + d["label"] + "\n\n"
+                       for d in demos)
+
+    def evaluate_icl(self, loaded: Loaded, size: TaskSize, shots: int, seed: int
+                     ) -> tuple[dict[str, Any], Batch]:
+        """Score the untuned model: 0 shots is the manual prompt, k shots adds demonstrations."""
+        demos = self.demonstrations(size, shots, seed) if shots else ""
+        rows = self._eval_rows(size)
+        prompts = [self._prompt_ids(loaded.tokenizer, r, size.max_length, demos) for r in rows]
+        metrics = self._metrics(self._score(loaded.model, loaded, prompts), rows)
+        metrics["shots"] = float(shots)
+        return metrics, self._pad(loaded, prompts[:size.latency_batch], None)
+
+
+# -- sequence labelling -------------------------------------------------------------------
+class TermSpanTask(LabTask):
+    """BIO spans of a query word in WordNet example sentences, typed by part of speech.
+
+    Input: ``[CLS] query [SEP] sentence [SEP]``; the head tags every sentence word on its
+    first sub-token (other sub-tokens and the query are not scored), as in the P-tuning v2
+    paper's sequence labelling (a per-token linear head) and SRL's marked predicate.
+    """
+
+    name = "term-spans"
+    description = ("WordNet 3.0 example sentences: tag the query word's verbatim occurrences "
+                   "as BIO spans typed by POS (labels exact by construction), MiniLM-L6 + new "
+                   "per-token head; span F1 on held-out words")
+    model_name = "minilm-l6"
+    metric = "span_f1"
+    dataset = "wordnet-term-spans"
+    head_modules = ("classifier",)
+    sizes: ClassVar[dict[str, TaskSize]] = {
+        "default": TaskSize(train_examples=2000, eval_examples=400, steps=60, batch_size=16,
+                            max_length=32),
+        "full": TaskSize(train_examples=31401, eval_examples=3925, steps=3000, batch_size=32,
+                         max_length=64, latency_batch=32, latency_repeats=20),
+    }
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        """The tag set, ``O`` first (index = the head's output unit)."""
+        from deltatune.datasets.wordnet import TERM_TAGS
+
+        return TERM_TAGS
+
+    def rows(self, split: str) -> list[dict]:
+        """Return ``{"query", "tokens", "tags", ...}`` rows of one split."""
+        from deltatune import datasets
+
+        return datasets.load(self.dataset, split)
+
+    def load(self, device: torch.device) -> Loaded:
+        """Load MiniLM-L6 with a fresh per-token head over the tag set."""
+        from deltatune import models
+
+        names = self.label_names
+        model, tok = models.load(self.model_name, task="token-classification",
+                                 num_labels=len(names),
+                                 id2label=dict(enumerate(names)),
+                                 label2id={n: i for i, n in enumerate(names)})
+        return Loaded(model.to(device), tok, device)
+
+    def encode(self, loaded: Loaded, rows: Sequence[dict], max_length: int
+               ) -> tuple[Batch, list[list[int]]]:
+        """Encode (query, sentence) pairs; return the batch and, per row, the position of
+        each sentence word's first sub-token (shorter when truncation cut words off)."""
+        from deltatune.datasets.wordnet import tokenize
+        from deltatune.tasks.base import IGNORE
+
+        enc = loaded.tokenizer([tokenize(r["query"]) for r in rows], [r["tokens"] for r in rows],
+                               is_split_into_words=True, truncation="only_second",
+                               max_length=max_length, padding=True, return_tensors="pt")
+        names = self.label_names
+        labels = torch.full(enc["input_ids"].shape, IGNORE, dtype=torch.long)
+        firsts: list[list[int]] = []
+        for i, row in enumerate(rows):
+            seen: set[int] = set()
+            pos: list[int] = []
+            for j, (w, seq) in enumerate(zip(enc.word_ids(i), enc.sequence_ids(i))):
+                if seq != 1 or w is None or w in seen:
+                    continue
+                seen.add(w)
+                pos.append(j)
+                labels[i, j] = names.index(row["tags"][w])
+            firsts.append(pos)
+        batch = {k: v.to(loaded.device) for k, v in enc.items()}
+        batch["labels"] = labels.to(loaded.device)
+        return batch, firsts
+
+    def _train_rows(self, size: TaskSize) -> list[dict]:
+        # a fixed pool (seed 0) shared by every method and seed, as in ClassificationTask
+        rows = list(self.rows("train"))
+        random.Random(0).shuffle(rows)
+        return rows[:size.train_examples]
+
+    def _eval_rows(self, size: TaskSize) -> list[dict]:
+        return self.rows("test")[:size.eval_examples]
+
+    def train_batches(self, loaded: Loaded, size: TaskSize, seed: int) -> list[Batch]:
+        """Return ``steps`` seeded batches drawn epoch by epoch from the training pool."""
+        pool = self._train_rows(size)
+        order = _epoch_order(len(pool), size.steps * size.batch_size, seed)
+        return [self.encode(loaded, [pool[i] for i in idx], size.max_length)[0]
+                for idx in _chunks(order, size.batch_size)]
+
+    @torch.no_grad()
+    def predict(self, model: Any, loaded: Loaded, rows: Sequence[dict], max_length: int
+                ) -> tuple[list[list[str]], float]:
+        """Predicted tags per sentence word (``O`` past truncation) and the summed loss."""
+        model.eval()
+        names = self.label_names
+        preds: list[list[str]] = []
+        loss_sum = 0.0
+        for chunk in _chunks(rows, 32):
+            batch, firsts = self.encode(loaded, chunk, max_length)
+            out = model(**batch)
+            loss_sum += float(out.loss) * len(chunk)
+            best = out.logits.argmax(-1).tolist()
+            for row, pos, ids in zip(chunk, firsts, best):
+                tags = [names[ids[j]] for j in pos]
+                preds.append(tags + ["O"] * (len(row["tokens"]) - len(tags)))
+        return preds, loss_sum
+
+    def evaluate(self, model: Any, loaded: Loaded, size: TaskSize) -> dict[str, Any]:
+        """Return span F1 (exact typed spans), word accuracy and the mean loss."""
+        from deltatune import metrics
+
+        rows = self._eval_rows(size)
+        preds, loss_sum = self.predict(model, loaded, rows, size.max_length)
+        gold = [r["tags"] for r in rows]
+        return {"span_f1": metrics.span_f1(preds, gold),
+                "word_accuracy": metrics.accuracy([t for p in preds for t in p],
+                                                  [t for g in gold for t in g]),
+                "eval_loss": loss_sum / len(rows)}
+
+    def latency_batch(self, loaded: Loaded, size: TaskSize) -> Batch:
+        """Return the first ``latency_batch`` held-out rows, without labels."""
+        batch, _ = self.encode(loaded, self._eval_rows(size)[:size.latency_batch],
+                               size.max_length)
+        batch.pop("labels")
+        return batch
+
+
 _TASKS: dict[str, Callable[[], LabTask]] = {
     "sentiment": SentimentTask,
     "definitions": DefinitionTask,
+    "term-spans": TermSpanTask,
+    "sentiment-lm": PromptSentimentTask,
 }
 
 
@@ -377,7 +665,7 @@ def register_task(name: str, factory: Callable[[], LabTask]) -> None:
 
 # the data set's name works too
 TASK_ALIASES = {"rotten-tomatoes": "sentiment", "wordnet-definitions": "definitions",
-                "wordnet-definitions-demo": "definitions"}
+                "wordnet-definitions-demo": "definitions", "wordnet-term-spans": "term-spans"}
 
 
 def get_task(name: str) -> LabTask:
