@@ -729,8 +729,10 @@ class Trainer:
         for note in notes:
             logger.warning(note)
         now = self.config.to_dict()
-        changed = [f"{k}: checkpoint {st['config'].get(k)!r}, now {now[k]!r}"
-                   for k in TRAJECTORY_FIELDS if st["config"].get(k) != now[k]]
+        # A field newer than the checkpoint was, at the time, at its default value.
+        then = {**TrainConfig().to_dict(), **st["config"]}
+        changed = [f"{k}: checkpoint {then.get(k)!r}, now {now[k]!r}"
+                   for k in TRAJECTORY_FIELDS if then.get(k) != now[k]]
         if changed:
             raise ckpt.ResumeError(f"cannot resume from {path}: settings that shape training "
                                    f"changed ({'; '.join(changed)}). Use the original settings "
