@@ -337,6 +337,7 @@ def run(args: argparse.Namespace) -> int:
 def _interrupted_message(exc: Any, out: Path) -> str:
     """What an interrupted run tells the user: the checkpoint and the command to resume."""
     import shlex
+    import signal
 
     from deltatune.train.checkpoint import find_resumable
     from deltatune.train.runfile import RUN_FILE
@@ -346,8 +347,6 @@ def _interrupted_message(exc: Any, out: Path) -> str:
         return f"\ninterrupted; checkpoint: {exc.checkpoint}\n{resume}"
     # A second signal stopped the run mid-way: name the newest checkpoint that is complete
     # (its manifest checks out), which is what --resume will pick.
-    import signal
-
     stopped = f"second {signal.Signals(exc.signum).name}: stopped at once, nothing more written"
     last, _ = find_resumable(out)
     if last is None:
