@@ -346,7 +346,10 @@ def train_bench(shape: str, batch: int, seq: int, steps: int, variants: list[str
         if compiled:
             # one compiled decoder layer, reused by all of them (same code, same shapes):
             # fuses RMSNorm, RoPE, SiLU*mul and the residual adds around the matmuls
+            from torch._dynamo.utils import counters
+
             torch._dynamo.reset()
+            counters.clear()  # per-variant counts
             for layer in decoder_layers(net):
                 layer.compile()
         net.train()
