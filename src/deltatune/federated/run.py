@@ -1,11 +1,13 @@
 """The federated loop: R rounds of Flower fit + evaluate, driven in-process.
 
-Flower's simulation engine needs Ray, which deltatune does not install; so the server side
-here calls the real Flower objects directly: each round, every :class:`DeltaClient`'s
-``fit`` (a ``flwr.client.NumPyClient``) gets the packed global payload, the
-:class:`DeltaFedAvg` strategy's ``aggregate_fit`` receives genuine ``flwr.common.FitRes``
-values, and each client's ``evaluate`` reports its accuracy. A client that raises is passed
-to ``aggregate_fit`` as a failure, and the round completes with the others.
+The server side here calls the real Flower objects directly: each round, every
+:class:`DeltaClient`'s ``fit`` (a ``flwr.client.NumPyClient``) gets the packed global
+payload, the :class:`DeltaFedAvg` strategy's ``aggregate_fit`` receives genuine
+``flwr.common.FitRes`` values, and each client's ``evaluate`` reports its accuracy. A client
+that raises is passed to ``aggregate_fit`` as a failure, and the round completes with the
+others. The same client and strategy also run as separate processes (:mod:`.process`) and
+in Flower's simulation engine (:mod:`.simulation`, needs Ray); all three give the same
+averaged tensors for the same seeds.
 """
 
 from __future__ import annotations
