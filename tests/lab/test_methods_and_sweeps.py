@@ -64,6 +64,14 @@ def test_run_sweep_writes_sweep_plot(tmp_path):
     assert (tmp_path / "sweep.json").is_file()
 
 
+def test_sweep_learning_rate_by_method_and_by_label(tmp_path):
+    res = sweeps.run_sweep("lora-rank", task="tiny-cls", out=tmp_path, only=["lora-r1",
+                           "lora-r4"], lr={"lora": 5e-3, "lora-r4": 2e-3}, progress=False,
+                           echo=None)
+    assert res.runs["lora-r1/seed0"]["spec"]["lr"] == 5e-3  # by method
+    assert res.runs["lora-r4/seed0"]["spec"]["lr"] == 2e-3  # the label wins
+
+
 def test_cli_compare_and_sweep_list(tmp_path, capsys):
     assert main(["compare", "--task", "tiny-cls", "--methods", "lora", "--out",
                  str(tmp_path), "--no-plots", "--lr", "lora=1e-2"]) == 0

@@ -18,12 +18,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--full", action="store_true", help="the task's full (GPU) size")
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: auto)")
     p.add_argument("--only", default=None, help="comma-separated variant labels to run")
+    p.add_argument("--lr", action="append", default=[], metavar="NAME=LR",
+                   help="learning rate by method or variant label (repeatable), e.g. "
+                        "--lr lora=5e-3")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """List the sweeps, or run one and print its table."""
-    from deltatune.cli.compare import parse_seeds
+    from deltatune.cli.compare import parse_lr, parse_seeds
     from deltatune.core.errors import ConfigError
     from deltatune.lab.sweeps import SWEEPS, missing_methods, run_sweep
 
@@ -37,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     only = [s.strip() for s in args.only.split(",")] if args.only else None
     result = run_sweep(args.name, task=args.task, seeds=parse_seeds(args.seeds), out=args.out,
-                       size="full" if args.full else "default", device=args.device, only=only)
+                       size="full" if args.full else "default", device=args.device, only=only,
+                       lr=parse_lr(args.lr))
     print()
     print(result.table)
     print()

@@ -262,11 +262,13 @@ def plot_sweep(result: CompareResult, sweep: Sweep, path: Path) -> Path:
 def run_sweep(name: str, *, task: str | LabTask | None = None, seeds: Sequence[int] = (0,),
               out: str | Path | None = None, size: str = "default", device: str | None = None,
               only: Sequence[str] | None = None, progress: bool = True,
+              lr: dict[str, float] | None = None,
               echo: Callable[[str], None] | None = print) -> CompareResult:
     """Run the sweep ``name``; return the comparison result (files include sweep.png).
 
     Raises :class:`UnknownMethodError` naming the methods this build lacks, before any
-    training. ``only`` keeps the variants whose label is listed.
+    training. ``only`` keeps the variants whose label is listed; ``lr`` sets learning
+    rates by variant label or method name (``{"lora": 5e-3}`` for every LoRA variant).
     """
     sweep = get_sweep(name)
     missing = missing_methods(sweep)
@@ -290,7 +292,7 @@ def run_sweep(name: str, *, task: str | LabTask | None = None, seeds: Sequence[i
             raise ConfigError(f"--only matched no variant of {name!r}", field="only")
     directory = Path(out or f"lab-runs/sweep-{name}")
     result = compare(lab_task, specs, seeds=seeds, out=directory, size=size, device=device,
-                     progress=progress, inspect=sweep.inspect, echo=echo)
+                     lr=lr, progress=progress, inspect=sweep.inspect, echo=echo)
     result.files.append(plot_sweep(result, sweep, directory / "sweep.png"))
     if sweep.after is not None:
         result.files.extend(sweep.after(result, directory))
