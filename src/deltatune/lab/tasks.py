@@ -61,6 +61,14 @@ class Loaded:
     task: Any = None  # the LabTask that loaded it (sweeps read label names from it)
 
 
+def _load_causal_lm(model_name: str, device: torch.device) -> Loaded:
+    from deltatune import models
+
+    model, tok = models.load(model_name, task="causal-lm")
+    models.ensure_pad_token(tok, model)
+    return Loaded(model.to(device), tok, device)
+
+
 class LabTask:
     """Base class of a lab task. Subclasses implement the five hooks below."""
 
@@ -68,6 +76,7 @@ class LabTask:
     description: str = ""
     model_name: str = ""
     metric: str = ""  # the main metric; higher is better
+    dataset: str = ""  # the registered data set (deltatune.datasets) the rows come from
     # base modules trained with every PEFT method (a new task head), via modules_to_save
     head_modules: tuple[str, ...] = ()
     supports_icl: bool = False
@@ -83,6 +92,13 @@ class LabTask:
         except KeyError:
             raise ConfigError(f"task {self.name!r} has no size {name!r}; sizes: "
                               f"{', '.join(self.sizes)}", field="size") from None
+
+
+    def rows(self, split: str) -> list[dict]:
+        """Return the rows of one split of :attr:`dataset` (fields depend on the task)."""
+        from deltatune import datasets
+
+        return datasets.load(self.dataset, split)
 
     def load(self, device: torch.device) -> Loaded:
         """Return a fresh copy of the pretrained model (eval mode) on ``device``."""
@@ -152,14 +168,8 @@ class ClassificationTask(LabTask):
     """Text classification with an encoder and a new head; metric: accuracy."""
 
     metric = "accuracy"
-    dataset: str = ""
     label_names: tuple[str, ...] = ()
 
-    def rows(self, split: str) -> list[dict]:
-        """Return ``{"text", "label"}`` rows of one split (label as a class name)."""
-        from deltatune import datasets
-
-        return datasets.load(self.dataset, split)
 
     def _encode(self, loaded: Loaded, rows: Sequence[dict], max_length: int) -> Batch:
         enc = loaded.tokenizer([r["text"] for r in rows], padding=True, truncation=True,
@@ -252,19 +262,10 @@ class DefinitionTask(LabTask):
                          max_length=64, latency_batch=16, latency_repeats=20),
     }
 
-    def rows(self, split: str) -> list[dict]:
-        """Return ``{"prompt", "response", ...}`` rows of one split."""
-        from deltatune import datasets
-
-        return datasets.load(self.dataset, split)
 
     def load(self, device: torch.device) -> Loaded:
         """Load SmolLM2 (causal LM) and give its tokenizer a pad token distinct from eos."""
-        from deltatune import models
-
-        model, tok = models.load(self.model_name, task="causal-lm")
-        models.ensure_pad_token(tok, model)
-        return Loaded(model.to(device), tok, device)
+        return _load_causal_lm(self.model_name, device)
 
     @staticmethod
     def prompt_text(row: dict) -> str:
@@ -405,19 +406,10 @@ class PromptSentimentTask(LabTask):
                          max_length=128, latency_batch=16, latency_repeats=20),
     }
 
-    def rows(self, split: str) -> list[dict]:
-        """Return ``{"text", "label"}`` rows of one split."""
-        from deltatune import datasets
-
-        return datasets.load(self.dataset, split)
 
     def load(self, device: torch.device) -> Loaded:
-        """Load SmolLM2 (causal LM) with a pad token distinct from eos."""
-        from deltatune import models
-
-        model, tok = models.load(self.model_name, task="causal-lm")
-        models.ensure_pad_token(tok, model)
-        return Loaded(model.to(device), tok, device)
+        """Load SmolLM2 (causal LM) and give its tokenizer a pad token distinct from eos."""
+        return _load_causal_lm(self.model_name, device)
 
     def label_token_ids(self, tokenizer: Any) -> list[int]:
         """First token of each label word, in :attr:`label_names` order."""
@@ -552,11 +544,6 @@ class TermSpanTask(LabTask):
 
         return TERM_TAGS
 
-    def rows(self, split: str) -> list[dict]:
-        """Return ``{"query", "tokens", "tags", ...}`` rows of one split."""
-        from deltatune import datasets
-
-        return datasets.load(self.dataset, split)
 
     def load(self, device: torch.device) -> Loaded:
         """Load MiniLM-L6 with a fresh per-token head over the tag set."""
