@@ -93,7 +93,6 @@ class LabTask:
             raise ConfigError(f"task {self.name!r} has no size {name!r}; sizes: "
                               f"{', '.join(self.sizes)}", field="size") from None
 
-
     def rows(self, split: str) -> list[dict]:
         """Return the rows of one split of :attr:`dataset` (fields depend on the task)."""
         from deltatune import datasets
@@ -169,7 +168,6 @@ class ClassificationTask(LabTask):
 
     metric = "accuracy"
     label_names: tuple[str, ...] = ()
-
 
     def _encode(self, loaded: Loaded, rows: Sequence[dict], max_length: int) -> Batch:
         enc = loaded.tokenizer([r["text"] for r in rows], padding=True, truncation=True,
@@ -261,7 +259,6 @@ class DefinitionTask(LabTask):
         "full": TaskSize(train_examples=4000, eval_examples=300, steps=1500, batch_size=16,
                          max_length=64, latency_batch=16, latency_repeats=20),
     }
-
 
     def load(self, device: torch.device) -> Loaded:
         """Load SmolLM2 (causal LM) and give its tokenizer a pad token distinct from eos."""
@@ -406,7 +403,6 @@ class PromptSentimentTask(LabTask):
                          max_length=128, latency_batch=16, latency_repeats=20),
     }
 
-
     def load(self, device: torch.device) -> Loaded:
         """Load SmolLM2 (causal LM) and give its tokenizer a pad token distinct from eos."""
         return _load_causal_lm(self.model_name, device)
@@ -543,7 +539,6 @@ class TermSpanTask(LabTask):
         from deltatune.datasets.wordnet import TERM_TAGS
 
         return TERM_TAGS
-
 
     def load(self, device: torch.device) -> Loaded:
         """Load MiniLM-L6 with a fresh per-token head over the tag set."""
