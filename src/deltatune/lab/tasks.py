@@ -163,7 +163,19 @@ def _balanced(rows: list[dict], n: int, key: str, seed: int) -> list[dict]:
 
 
 # -- classification -----------------------------------------------------------------------
-class ClassificationTask(LabTask):
+class LabelBalancedPools:
+    """Training and test pools balanced over the ``label`` field, drawn once with seed 0."""
+
+    def _train_rows(self, size: TaskSize) -> list[dict]:
+        # the pool is fixed (seed 0) so every method and seed sees the same examples;
+        # the seed changes their order, the model's init, and dropout.
+        return _balanced(self.rows("train"), size.train_examples, "label", 0)  # type: ignore[attr-defined]
+
+    def _eval_rows(self, size: TaskSize) -> list[dict]:
+        return _balanced(self.rows("test"), size.eval_examples, "label", 0)  # type: ignore[attr-defined]
+
+
+class ClassificationTask(LabelBalancedPools, LabTask):
     """Text classification with an encoder and a new head; metric: accuracy."""
 
     metric = "accuracy"
@@ -176,14 +188,6 @@ class ClassificationTask(LabTask):
         batch["labels"] = torch.tensor([self.label_names.index(r["label"]) for r in rows],
                                        device=loaded.device)
         return batch
-
-    def _train_rows(self, size: TaskSize) -> list[dict]:
-        # the pool is fixed (seed 0) so every method and seed sees the same examples;
-        # the seed changes their order, the model's init, and dropout.
-        return _balanced(self.rows("train"), size.train_examples, "label", 0)
-
-    def _eval_rows(self, size: TaskSize) -> list[dict]:
-        return _balanced(self.rows("test"), size.eval_examples, "label", 0)
 
     def train_batches(self, loaded: Loaded, size: TaskSize, seed: int) -> list[Batch]:
         """Return ``steps`` seeded batches drawn epoch by epoch from the training pool."""
@@ -375,7 +379,7 @@ class DefinitionTask(LabTask):
 
 
 # -- classification through a causal LM's label words ------------------------------------
-class PromptSentimentTask(LabTask):
+class PromptSentimentTask(LabelBalancedPools, LabTask):
     """Rotten Tomatoes scored by SmolLM2 through a template and a verbaliser (no new head).
 
     The hand-written template is ``"Review: {text}\nSentiment:"`` and the verbaliser maps
@@ -444,12 +448,6 @@ class PromptSentimentTask(LabTask):
             seqs.append([*prompt, word])
             labels.append([-100] * len(prompt) + [word])
         return self._pad(loaded, seqs, labels)
-
-    def _train_rows(self, size: TaskSize) -> list[dict]:
-        return _balanced(self.rows("train"), size.train_examples, "label", 0)
-
-    def _eval_rows(self, size: TaskSize) -> list[dict]:
-        return _balanced(self.rows("test"), size.eval_examples, "label", 0)
 
     def train_batches(self, loaded: Loaded, size: TaskSize, seed: int) -> list[Batch]:
         """Return ``steps`` seeded batches of prompt + label word (only the word is scored)."""
