@@ -30,3 +30,46 @@ def save_and_reload(dm: dt.DeltaModel, directory: Path, factory: Callable[[], An
     else:
         dm.save_delta(directory, name)
     return dt.load(factory(), directory, **load_kwargs)
+
+
+def adam_losses(dm: dt.DeltaModel, loss_of_step: Callable[[], torch.Tensor], steps: int,
+                lr: float) -> list[float]:
+    """Train ``dm``'s trainable parameters with Adam for ``steps`` steps; return each loss.
+
+    ``loss_of_step`` runs the forward pass and returns the loss to minimise, so each test
+    keeps its own objective (LM loss, verbalizer scores, ...) and shares only the loop.
+    """
+    opt = torch.optim.Adam(dm.trainable_parameters(), lr=lr)
+    dm.train()
+    losses = []
+    for _ in range(steps):
+        loss = loss_of_step()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def lm_losses(dm: dt.DeltaModel, inputs: dict[str, torch.Tensor], steps: int,
+              lr: float) -> list[float]:
+    """:func:`adam_losses` with the causal-LM loss of ``inputs`` on their own input ids."""
+    return adam_losses(dm, lambda: dm(**inputs, labels=inputs["input_ids"]).loss, steps, lr)
+
+
+def assert_rows_match_alone(dm: dt.DeltaModel, inputs: dict[str, torch.Tensor],
+                            names: list[str | None], atol: float) -> None:
+    """Assert that a batch routed per row (``delta_names``) equals each row run alone.
+
+    A ``None`` row runs with every delta disabled; otherwise the named delta is activated.
+    """
+    mixed = logits(dm, {**inputs, "delta_names": names})
+    for i, name in enumerate(names):
+        row = {k: v[i:i + 1] for k, v in inputs.items()}
+        if name is None:
+            with dm.disabled():
+                alone = logits(dm, row)
+        else:
+            dm.activate(name)
+            alone = logits(dm, row)
+        assert torch.allclose(mixed[i:i + 1], alone, atol=atol), name

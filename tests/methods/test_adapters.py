@@ -18,7 +18,7 @@ from tests.conftest import (
     tiny_gpt2,
     tiny_llama,
 )
-from tests.helpers import logits
+from tests.helpers import assert_rows_match_alone, logits
 
 ZERO_INIT = {
     "pfeiffer": dt.PfeifferConfig(),
@@ -222,16 +222,7 @@ def test_per_row_mixed_batch_equals_each_row_alone():
     randomize_deltas(dm, std=0.3)
     inputs = model_inputs("llama", batch=3)
     names = ["par", None, "seq"]
-    mixed = logits(dm, {**inputs, "delta_names": names})
-    for i, name in enumerate(names):
-        row = {k: v[i:i + 1] for k, v in inputs.items()}
-        if name is None:
-            with dm.disabled():
-                alone = logits(dm, row)
-        else:
-            dm.activate(name)
-            alone = logits(dm, row)
-        assert torch.allclose(mixed[i:i + 1], alone, atol=1e-5), name
+    assert_rows_match_alone(dm, inputs, names, atol=1e-5)
 
 
 def test_composes_with_lora_and_delete_removes_hooks():

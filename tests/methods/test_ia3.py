@@ -10,7 +10,7 @@ from deltatune.core.errors import ConfigError, TargetError
 from deltatune.core.layers import DeltaLayer
 from deltatune.methods.ia3 import IA3Delta, IA3InputDelta
 from tests.conftest import FACTORIES, model_inputs, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
-from tests.helpers import logits, save_and_reload
+from tests.helpers import assert_rows_match_alone, lm_losses, logits, save_and_reload
 
 LAYOUT_ARCHS = ["llama", "gpt2", "bert", "t5", "neox", "opt", "bart", "roberta"]
 
@@ -142,15 +142,7 @@ def test_training_changes_only_the_vectors_and_lowers_loss():
     assert trainable and all(n.endswith(".deltas.default.ia3_l") for n in trainable)
     inputs = model_inputs("llama", batch=4)
     base_before = {k: v.clone() for k, v in dm.model.state_dict().items() if "ia3_l" not in k}
-    opt = torch.optim.Adam(dm.trainable_parameters(), lr=0.3)
-    dm.train()
-    losses = []
-    for _ in range(25):
-        loss = dm(**inputs, labels=inputs["input_ids"]).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = lm_losses(dm, inputs, steps=25, lr=0.3)
     assert losses[-1] < losses[0] - 0.1
     assert all(torch.equal(v, base_before[k]) for k, v in dm.model.state_dict().items()
                if "ia3_l" not in k)
@@ -209,13 +201,4 @@ def test_per_row_batch_mixes_ia3_deltas_and_the_base():
                 p.copy_(1 + 0.5 * torch.randn(p.shape, generator=gen))
     inputs = model_inputs("llama", batch=3)
     names = ["b", None, "a"]
-    mixed = logits(dm, {**inputs, "delta_names": names})
-    for i, name in enumerate(names):
-        row = {k: v[i:i + 1] for k, v in inputs.items()}
-        if name is None:
-            with dm.disabled():
-                alone = logits(dm, row)
-        else:
-            dm.activate(name)
-            alone = logits(dm, row)
-        assert torch.allclose(mixed[i:i + 1], alone, atol=1e-6), name
+    assert_rows_match_alone(dm, inputs, names, atol=1e-6)

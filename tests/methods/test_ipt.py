@@ -11,7 +11,7 @@ from deltatune.core.errors import ConfigError, DataError
 from deltatune.demonstrations import DemonstrationPool, icl_predict_choices
 from deltatune.methods.ipt import ipt_inputs
 from tests.conftest import tiny_llama
-from tests.helpers import save_and_reload
+from tests.helpers import adam_losses, save_and_reload
 
 WORDS = ["cat", "dog", "sat", "ran", "fast", "slow", "red", "blue", "big", "small", "Input:",
          "Output:", "yes", "no"]
@@ -122,13 +122,6 @@ def test_ipt_training_lowers_the_loss_and_trains_only_the_prompt():
     dm = dt.attach(tiny_llama(), cfg)
     assert [n for n, p in dm.named_parameters() if p.requires_grad] == [
         "model.deltatune_model_deltas.default.prompt"]
-    opt = torch.optim.Adam(dm.trainable_parameters(), lr=5e-2)
-    dm.train()
-    losses = []
-    for _ in range(20):
-        loss = dm(input_ids=ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = adam_losses(dm, lambda: dm(input_ids=ids, attention_mask=mask, labels=labels).loss,
+                         steps=20, lr=5e-2)
     assert losses[-1] < losses[0] - 0.05

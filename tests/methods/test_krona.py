@@ -17,7 +17,7 @@ from tests.conftest import (
     tiny_llama,
     tiny_opt,
 )
-from tests.helpers import logits, save_and_reload
+from tests.helpers import lm_losses, logits, save_and_reload
 
 ALL = dict(target_modules="all-linear")
 
@@ -100,17 +100,7 @@ def test_save_load_roundtrip(tmp_path):
 
 
 def _train(dm, steps=12, lr=0.01):
-    inputs = model_inputs("llama", batch=4)
-    opt = torch.optim.Adam(dm.trainable_parameters(), lr=lr)
-    dm.train()
-    losses = []
-    for _ in range(steps):
-        loss = dm(**inputs, labels=inputs["input_ids"]).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
+    return lm_losses(dm, model_inputs("llama", batch=4), steps=steps, lr=lr)
 
 
 def test_training_reaches_only_the_factors_and_lowers_loss():

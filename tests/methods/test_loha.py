@@ -11,7 +11,7 @@ from deltatune.core.errors import ConfigError, HyperparameterError
 from deltatune.core.layers import DeltaLayer
 from deltatune.methods.loha import split_global_local
 from tests.conftest import FACTORIES, model_inputs, randomize_deltas, tiny_gpt2, tiny_llama
-from tests.helpers import logits, save_and_reload
+from tests.helpers import lm_losses, logits, save_and_reload
 
 ALL = dict(target_modules="all-linear", r=2)
 
@@ -130,15 +130,7 @@ def test_training_reaches_only_the_delta_and_lowers_loss():
                                                                      "down_proj"]))
     assert all("hada_" in n for n, p in dm.named_parameters() if p.requires_grad)
     inputs = model_inputs("llama", batch=4)
-    opt = torch.optim.Adam(dm.trainable_parameters(), lr=0.02)
-    dm.train()
-    losses = []
-    for _ in range(8):
-        loss = dm(**inputs, labels=inputs["input_ids"]).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = lm_losses(dm, inputs, steps=8, lr=0.02)
     assert losses[-1] < losses[0] - 0.1
     assert all(p.grad is None for n, p in dm.model.named_parameters() if "hada_" not in n)
 

@@ -17,7 +17,7 @@ from deltatune.core.errors import (
     TargetError,
 )
 from tests.conftest import FACTORIES, model_inputs, randomize_deltas, tiny_gpt2, tiny_llama
-from tests.helpers import logits, save_and_reload
+from tests.helpers import assert_rows_match_alone, logits, save_and_reload
 
 ALL_LINEAR = dt.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
 
@@ -182,16 +182,7 @@ def test_per_row_mixed_batch_equals_each_row_alone():
     randomize_deltas(dm, std=0.3)
     inputs = model_inputs("llama", batch=3)
     names = ["a", None, "b"]
-    mixed = logits(dm, {**inputs, "delta_names": names})
-    for i, name in enumerate(names):
-        row = {k: v[i:i + 1] for k, v in inputs.items()}
-        if name is None:
-            with dm.disabled():
-                alone = logits(dm, row)
-        else:
-            dm.activate(name)
-            alone = logits(dm, row)
-        assert torch.allclose(mixed[i:i + 1], alone, atol=1e-6), name
+    assert_rows_match_alone(dm, inputs, names, atol=1e-6)
 
 
 def test_generate_passes_through_with_per_row_deltas():

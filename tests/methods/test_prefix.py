@@ -9,6 +9,7 @@ from transformers import DynamicCache
 import deltatune as dt
 from deltatune.core.errors import ConfigError, HyperparameterError
 from tests.conftest import VOCAB, randomize_deltas, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
+from tests.helpers import adam_losses
 
 P = 3
 
@@ -156,15 +157,7 @@ def test_only_prefix_parameters_train_and_loss_falls():
     trainable = {n for n, p in dm.named_parameters() if p.requires_grad}
     assert trainable and all("deltatune_model_deltas" in n for n in trainable)
     ids = torch.randint(3, VOCAB, (4, 8), generator=torch.Generator().manual_seed(5))
-    opt = torch.optim.Adam(dm.trainable_parameters(), lr=5e-2)
-    dm.train()
-    losses = []
-    for _ in range(25):
-        loss = dm(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = adam_losses(dm, lambda: dm(input_ids=ids, labels=ids).loss, steps=25, lr=5e-2)
     assert losses[-1] < losses[0] - 0.08  # a tiny random model: attention moves logits little
 
 

@@ -17,7 +17,7 @@ from tests.conftest import (
     tiny_roberta,
     tiny_t5,
 )
-from tests.helpers import save_and_reload
+from tests.helpers import adam_losses, save_and_reload
 
 L = 4
 ROWS = [[5, 9, 17, 33, 8, 41], [12, 70, 3]]
@@ -182,15 +182,7 @@ def test_only_the_prompt_trains_and_loss_falls():
     assert [n for n, p in dm.named_parameters() if p.requires_grad] == [
         "model.deltatune_model_deltas.default.prompt"]
     ids = torch.randint(3, VOCAB, (4, 8), generator=torch.Generator().manual_seed(5))
-    opt = torch.optim.Adam(dm.trainable_parameters(), lr=5e-2)
-    dm.train()
-    losses = []
-    for _ in range(25):
-        loss = dm(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = adam_losses(dm, lambda: dm(input_ids=ids, labels=ids).loss, steps=25, lr=5e-2)
     assert losses[-1] < losses[0] - 0.05
 
 

@@ -9,6 +9,7 @@ import deltatune as dt
 from deltatune.core.errors import DataError, HyperparameterError
 from deltatune.methods.ptuning import render_template, verbalizer_logits
 from tests.conftest import VOCAB, randomize_deltas, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
+from tests.helpers import adam_losses
 
 PSEUDO = 3
 MASK = 4
@@ -98,16 +99,11 @@ def test_mlm_classification_through_verbaliser_trains():
                      torch.full((8, 2), PSEUDO), torch.full((8, 1), MASK)], 1)
     labels = torch.ones(8, dtype=torch.long)   # prompts alone must move [MASK] to word 41
     words = [40, 41]
-    opt = torch.optim.Adam(dm.trainable_parameters(), lr=3e-2)
-    dm.train()
-    losses = []
-    for _ in range(30):
+    def loss_of_step():
         scores = verbalizer_logits(dm(input_ids=ids).logits, ids, MASK, words)
-        loss = torch.nn.functional.cross_entropy(scores, labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+        return torch.nn.functional.cross_entropy(scores, labels)
+
+    losses = adam_losses(dm, loss_of_step, steps=30, lr=3e-2)
     assert losses[-1] < 0.5 * losses[0]
 
 

@@ -8,19 +8,11 @@ import torch
 import deltatune as dt
 from deltatune.core.errors import DeltaStateError
 from tests.conftest import VOCAB, randomize_deltas, tiny_bert, tiny_roberta
-from tests.helpers import save_and_reload
+from tests.helpers import adam_losses, save_and_reload
 
 
 def _train(dm, batch, steps=30, lr=5e-2):
-    opt = torch.optim.Adam(dm.trainable_parameters(), lr=lr)
-    dm.train()
-    losses = []
-    for _ in range(steps):
-        loss = dm(**batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = adam_losses(dm, lambda: dm(**batch).loss, steps=steps, lr=lr)
     dm.eval()
     return losses
 
