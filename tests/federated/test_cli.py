@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 from deltatune.cli import main
+from deltatune.federated.recorder import RoundRecord
+from tests.federated.helpers import assert_same_records
 
 
 def test_federate_cli_writes_results(tmp_path, capsys):
@@ -54,3 +56,17 @@ def test_federate_cli_resumes_finished_methods_and_summarises(tmp_path, capsys):
     capsys.readouterr()
     assert main([*args[:-2], "--seed", "1", "--out", str(tmp_path)]) == 0
     assert "reusing" not in capsys.readouterr().out
+
+
+def test_federate_cli_process_mode_matches_in_process(tmp_path, capsys):
+    args = ["federate", "--task", "toy", "--methods", "pfedpara", "--clients", "2",
+            "--rounds", "2", "--examples", "24", "--non-iid", "1.0", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "loop")]) == 0
+    assert main([*args, "--mode", "process", "--out", str(tmp_path / "procs")]) == 0
+    loop = json.loads((tmp_path / "loop" / "results.json").read_text())
+    procs = json.loads((tmp_path / "procs" / "results.json").read_text())
+    assert_same_records([RoundRecord(**r) for r in procs["methods"]["pfedpara"]],
+                        [RoundRecord(**r) for r in loop["methods"]["pfedpara"]])
+    # every process left its log beside the results
+    logs = sorted(p.name for p in (tmp_path / "procs" / "processes" / "pfedpara").glob("*.log"))
+    assert logs == ["client-0.log", "client-1.log", "server.log"]

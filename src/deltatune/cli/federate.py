@@ -13,6 +13,7 @@ from deltatune.core.errors import ConfigError
 # model (full fine-tuning 1e-4; LoRA and LoHa 1e-3). The toy task keeps one rate for all.
 REAL_LR = {"full": 1e-4, "lora": 1e-3, "fedpara": 1e-3, "pfedpara": 1e-3}
 TOY_LR = 3e-3
+MODES = ("in-process", "process", "simulation")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,7 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "federate", help="FedAvg of full FT, LoRA, FedPara, pFedPara with Flower; bytes counted",
         description="Split a data set among N clients (IID or Dirichlet non-IID), run R rounds "
                     "of E local epochs + FedAvg of the travelling tensors through Flower's "
-                    "client and strategy objects (in-process), and report per round the "
+                    "client and strategy objects (in one process, as gRPC processes or in "
+                    "Flower's simulation engine: --mode), and report per round the "
                     "accuracy (server and per client) and the bytes sent up and down "
                     "(serialised safetensors payloads). Tasks: sentiment (Rotten Tomatoes, "
                     "MiniLM-L6), tweets (3-class tweet sentiment, MiniLM-L6), toy (synthetic, "
@@ -50,6 +52,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="tokens per text (sentiment 32, tweets 40, toy 16)")
     p.add_argument("--batch-size", type=int, default=16, help="local batch size")
     p.add_argument("--seed", type=int, default=0, help="seed of data split, heads and order")
+    p.add_argument("--mode", default="in-process", choices=MODES,
+                   help="in-process: one Python loop calls Flower's client and strategy "
+                        "objects (fastest); process: a Flower server and one process per "
+                        "client over gRPC on localhost; simulation: Flower's simulation "
+                        "engine (needs Ray: pip install 'deltatune[simulation]'). All three "
+                        "give the same numbers for the same seeds")
     p.add_argument("--out", default="lab-runs/federate", help="output directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(handler=run)
@@ -59,7 +67,8 @@ def _settings(args: argparse.Namespace) -> dict:
     from deltatune.federated.tasks import DEFAULTS
 
     d = DEFAULTS[args.task]
-    out = {k: v for k, v in vars(args).items() if k not in ("handler", "no_progress", "out")}
+    not_settings = ("handler", "no_progress", "out", "mode")
+    out = {k: v for k, v in vars(args).items() if k not in not_settings}
     for key in ("clients", "rounds", "examples", "test_examples", "max_length"):
         if out[key] is None:
             out[key] = getattr(d, key)
@@ -70,6 +79,29 @@ def _lr(args: argparse.Namespace, method: str) -> float:
     if args.lr is not None:
         return args.lr
     return TOY_LR if args.task == "toy" else REAL_LR[method]
+
+
+def _federate(args: argparse.Namespace, task, settings: dict, method: str, out: Path,
+              on_round) -> list:
+    """Run one method's federation in the chosen mode; return its round records."""
+    common = dict(clients=settings["clients"], rounds=settings["rounds"],
+                  local_epochs=args.local_epochs, non_iid=args.non_iid, lr=_lr(args, method),
+                  r=args.rank, batch_size=args.batch_size, seed=args.seed, on_round=on_round)
+    sizes = dict(examples=settings["examples"], test_examples=settings["test_examples"],
+                 max_length=settings["max_length"])
+    if args.mode == "process":
+        from deltatune.federated.process import federate_in_processes
+
+        return federate_in_processes(method, args.task, out=out / "processes" / method,
+                                     progress=not args.no_progress, **sizes, **common).records
+    if args.mode == "simulation":
+        from deltatune.federated.simulation import simulate
+
+        return simulate(method, args.task, **sizes, **common).records
+    from deltatune.federated.run import run_federated
+
+    return run_federated(method, task.make_model, task.train, task.test,
+                         progress=not args.no_progress, **common)[0]
 
 
 def _reusable(out: Path, settings: dict) -> tuple[dict, dict[str, float]]:
@@ -102,7 +134,6 @@ def run(args: argparse.Namespace) -> int:
     """Run each method, print the per-round table; write results.json and the PNG."""
     from deltatune.federated.payload import METHODS
     from deltatune.federated.report import format_table, plot_accuracy_vs_bytes, write_results
-    from deltatune.federated.run import run_federated
     from deltatune.federated.tasks import load_task
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -115,7 +146,16 @@ def run(args: argparse.Namespace) -> int:
                  "max_length", "batch_size"):
         if settings[flag] < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1", field=flag)
+    if args.mode == "simulation":
+        from deltatune.federated.simulation import available
+
+        if not available():
+            raise ConfigError("--mode simulation needs Flower's simulation engine (Ray): "
+                              "pip install 'deltatune[simulation]', or use --mode process",
+                              field="mode")
     out = Path(args.out)
+    # the three modes give the same numbers (tests/federated), so a finished method is
+    # reused whichever mode made it: the mode is not part of the settings compared
     done, seconds = _reusable(out, settings)
     task = load_task(args.task, examples=settings["examples"],
                      test_examples=settings["test_examples"],
@@ -133,11 +173,7 @@ def run(args: argparse.Namespace) -> int:
             write_results({**results, method: so_far}, settings, out, seconds=seconds,
                           lrs={m: _lr(args, m) for m in [*results, method]})
 
-        records, _ = run_federated(
-            method, task.make_model, task.train, task.test, clients=settings["clients"],
-            rounds=settings["rounds"], local_epochs=args.local_epochs, non_iid=args.non_iid,
-            lr=_lr(args, method), r=args.rank, batch_size=args.batch_size, seed=args.seed,
-            progress=not args.no_progress, on_round=save_progress)
+        records = _federate(args, task, settings, method, out, save_progress)
         seconds[method] = time.perf_counter() - start
         results[method] = records
         # written after every method, so an interrupted comparison resumes from here

@@ -1,12 +1,13 @@
 """Separate-process mode: a Flower server and clients talking gRPC on localhost.
 
 ``python -m deltatune.federated.process server --port P --clients N ...`` runs
-``flwr.server.start_server`` with :class:`DeltaFedAvg` and writes ``rounds.json`` and the
-final global payload ``global.safetensors``; ``... client --port P --cid C ...`` runs
-``flwr.client.start_client`` with a :class:`DeltaClient` holding shard C of the same seeded
-task and split (``--task toy``, ``sentiment`` or ``tweets``), and writes each upload it
-sends to ``upload-C.safetensors``. Uses Flower's legacy (deprecated in 1.x, still shipped
-in 1.42) start functions.
+``flwr.server.start_server`` with :class:`RecordingFedAvg`; it writes ``records.json`` and
+``rounds.json`` after every round and the final global payload ``global.safetensors``.
+``... client --port P --cid C ...`` runs ``flwr.client.start_client`` with a
+:class:`DeltaClient` holding shard C of the same seeded task and split (``--task toy``,
+``sentiment`` or ``tweets``), and writes each upload it sends to ``upload-C.safetensors``.
+Uses Flower's legacy start functions (deprecated in 1.x, still shipped in 1.42).
+``deltatune federate --mode process`` starts the server and the clients itself.
 
 ``--fault`` makes a client misbehave, for the rejection tests: ``wrong-shape`` uploads a
 payload with one tensor of the wrong shape; ``drop`` trains, then kills its own process
@@ -18,8 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from deltatune.federated.recorder import FederationResult
 
 FAULTS = ("none", "wrong-shape", "drop")
 
@@ -32,35 +41,44 @@ def _task(args: argparse.Namespace):
 
 
 def serve(args: argparse.Namespace) -> None:
-    """Run the Flower server for ``args.rounds`` rounds; write ``rounds.json`` to --out."""
+    """Run the Flower server for ``args.rounds`` rounds, recording each round in --out.
+
+    After every round ``records.json`` (the :class:`RoundRecord` list, as the in-process
+    loop keeps it) and ``rounds.json`` (replies, failures, rejection reasons) are replaced
+    atomically, so a caller can follow progress; at the end the final global payload is
+    written to ``global.safetensors``.
+    """
+    import dataclasses
+
     import flwr.server as fs
 
-    from deltatune.federated.flower import DeltaFedAvg
     from deltatune.federated.payload import global_tensors, to_bytes
+    from deltatune.federated.recorder import RecordingFedAvg
     from deltatune.federated.run import prepare
 
-    log: list[dict] = []
     out = Path(args.out)
-
-    class Recording(DeltaFedAvg):
-        def aggregate_fit(self, server_round, results, failures):
-            new = super().aggregate_fit(server_round, results, failures)
-            log.append({"round": server_round, "bytes_up": self.bytes_up,
-                        "clients": len(results), "failures": len(failures),
-                        "rejected": [f"{r.client}: {r.reason}" for r in self.rejections]})
-            return new
-
+    out.mkdir(parents=True, exist_ok=True)
     task = _task(args)
+
+    def save(records) -> None:
+        _write_json(out / "records.json", [dataclasses.asdict(r) for r in records])
+        _write_json(out / "rounds.json", strategy.log)
+
     # the initial global tensors are client 0's initial ones, as in the in-process loop
     ref = global_tensors(prepare(task.make_model(), args.method, args.rank, args.seed),
                          args.method)
-    strategy = Recording(ref, min_fit_clients=args.clients, min_available_clients=args.clients,
-                         fraction_evaluate=0.0)
+    strategy = RecordingFedAvg(ref, prepare(task.make_model(), args.method, args.rank),
+                               task.test, args.clients, on_round=save)
     fs.start_server(server_address=f"127.0.0.1:{args.port}", strategy=strategy,
                     config=fs.ServerConfig(num_rounds=args.rounds))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "rounds.json").write_text(json.dumps(log, indent=2))
+    _write_json(out / "rounds.json", strategy.log)
     (out / "global.safetensors").write_bytes(to_bytes(strategy.reference))
+
+
+def _write_json(path: Path, body: Any) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(body, indent=2))
+    tmp.replace(path)
 
 
 def client(args: argparse.Namespace) -> None:
@@ -96,6 +114,130 @@ def client(args: argparse.Namespace) -> None:
                           seed=args.seed + args.cid)
     fc.start_client(server_address=f"127.0.0.1:{args.port}", client=delta_client.to_client(),
                     insecure=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_listening(port: int, server: subprocess.Popen, log_path: Path,
+                    limit: float = 300.0) -> None:
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        if server.poll() is not None:
+            raise RuntimeError(f"the federated server exited (code {server.returncode}) "
+                               f"before listening; its log:\n{_tail(log_path)}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise RuntimeError(f"the federated server was not listening on port {port} after "
+                       f"{limit:.0f} s; its log: {log_path}")
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _read_records(path: Path) -> list:
+    from deltatune.federated.recorder import RoundRecord
+
+    try:
+        return [RoundRecord(**r) for r in json.loads(path.read_text())]
+    except (OSError, ValueError):  # not written yet (the server replaces it atomically)
+        return []
+
+
+def federate_in_processes(method: str, task: str = "toy", *, clients: int = 2, rounds: int = 1,
+                          out: Path, local_epochs: int = 1, non_iid: float | None = None,
+                          lr: float = 3e-3, r: int = 4, batch_size: int = 16, seed: int = 0,
+                          examples: int | None = None, test_examples: int | None = None,
+                          max_length: int | None = None, faults: dict[int, str] | None = None,
+                          progress: bool = False, on_round: Callable | None = None,
+                          timeout: float = 24 * 3600.0) -> FederationResult:
+    """Run one federation as a server process and ``clients`` client processes (gRPC).
+
+    Starts ``python -m deltatune.federated.process server`` on a free localhost port, waits
+    until it listens, starts the clients (``faults`` maps a client id to a ``--fault``),
+    follows ``records.json`` round by round (progress bar, ``on_round``) and returns the
+    final global tensors, the records and the raw per-round log. Logs of every process go
+    to ``out`` (``server.log``, ``client-C.log``). Raises ``RuntimeError`` with the server
+    log's tail when the server fails.
+    """
+    from tqdm import tqdm
+
+    from deltatune.federated.payload import from_bytes
+    from deltatune.federated.recorder import FederationResult
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("records.json", "rounds.json", "global.safetensors"):
+        (out / stale).unlink(missing_ok=True)
+    port = _free_port()
+    common = ["--port", str(port), "--task", task, "--method", method,
+              "--clients", str(clients), "--rounds", str(rounds),
+              "--local-epochs", str(local_epochs), "--rank", str(r), "--lr", repr(lr),
+              "--batch-size", str(batch_size), "--seed", str(seed), "--out", str(out)]
+    for flag, value in (("--non-iid", non_iid), ("--examples", examples),
+                        ("--test-examples", test_examples), ("--max-length", max_length)):
+        if value is not None:
+            common += [flag, str(value)]
+    cmd = [sys.executable, "-m", "deltatune.federated.process"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH")) if p)}
+    procs: list[subprocess.Popen] = []
+    logs = []
+    try:
+        server_log = out / "server.log"
+        logs.append(server_log.open("w"))
+        server = subprocess.Popen([*cmd, "server", *common], env=env, stdout=logs[-1],
+                                  stderr=subprocess.STDOUT)
+        procs.append(server)
+        _wait_listening(port, server, server_log)
+        for c in range(clients):
+            logs.append((out / f"client-{c}.log").open("w"))
+            fault = (faults or {}).get(c, "none")
+            procs.append(subprocess.Popen([*cmd, "client", "--cid", str(c), "--fault", fault,
+                                           *common], env=env, stdout=logs[-1],
+                                          stderr=subprocess.STDOUT))
+        bar = tqdm(total=rounds, desc=f"federate {method} (processes)", disable=not progress)
+        seen: list = []
+        end = time.monotonic() + timeout
+        while server.poll() is None:
+            if time.monotonic() > end:
+                raise RuntimeError(f"the federation did not finish in {timeout:.0f} s; "
+                                   f"logs in {out}")
+            records = _read_records(out / "records.json")
+            if len(records) > len(seen):
+                bar.update(len(records) - len(seen))
+                bar.set_postfix(acc=f"{records[-1].accuracy:.3f}")
+                seen = records
+                if on_round is not None:
+                    on_round(records)
+            time.sleep(0.2)
+        bar.close()
+        if server.returncode != 0:
+            raise RuntimeError(f"the federated server failed (exit code {server.returncode}); "
+                               f"its log:\n{_tail(server_log)}")
+        for proc in procs[1:]:
+            proc.wait(timeout=60)
+        records = _read_records(out / "records.json")
+        if on_round is not None and len(records) > len(seen):
+            on_round(records)
+        rounds_log = json.loads((out / "rounds.json").read_text())
+        tensors = from_bytes((out / "global.safetensors").read_bytes())
+        return FederationResult(tensors, records, rounds_log)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+        for f in logs:
+            f.close()
 
 
 def main(argv: list[str] | None = None) -> None:

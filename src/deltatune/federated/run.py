@@ -15,19 +15,26 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import (
+    Code,
+    EvaluateRes,
+    FitRes,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
 from torch import nn
 from tqdm import tqdm
 
 import deltatune as dt
-from deltatune.federated.flower import DeltaClient, DeltaFedAvg, accuracy, payload_size, unpack
+from deltatune.federated.flower import DeltaClient
 from deltatune.federated.partition import dirichlet_partition, iid_partition
-from deltatune.federated.payload import METHODS, global_tensors, load_tensors
+from deltatune.federated.payload import METHODS, global_tensors
+from deltatune.federated.recorder import RecordingFedAvg, RoundRecord
 
 log = logging.getLogger("deltatune.federated")
 
@@ -120,20 +127,6 @@ def client_shards(train: dict[str, torch.Tensor], clients: int, non_iid: float |
     return out
 
 
-@dataclass
-class RoundRecord:
-    """What one round measured."""
-
-    round: int
-    accuracy: float
-    mean_client_accuracy: float
-    client_accuracy: list[float]
-    bytes_up: int
-    bytes_down: int
-    cumulative_bytes: int
-    rejected: list[str] = field(default_factory=list)
-
-
 def run_federated(method: str, make_model: Callable[[], nn.Module],
                   train: dict[str, torch.Tensor], test: dict[str, torch.Tensor], *,
                   clients: int = 4, rounds: int = 3, local_epochs: int = 1,
@@ -162,14 +155,13 @@ def run_federated(method: str, make_model: Callable[[], nn.Module],
                                  batch_size=batch_size, seed=seed + c))
     # the server's copy: base + global tensors (pFedPara: with W2 at its start value 0)
     server = prepare(copy.deepcopy(base), method, r)
-    strategy = DeltaFedAvg(global_tensors(fleet[0].model, method))
+    strategy = RecordingFedAvg(global_tensors(fleet[0].model, method), server, test,
+                               len(fleet), on_round=on_round)
     current = parameters_to_ndarrays(strategy.initialize_parameters(None))
-    records, total = [], 0
     ok = Status(code=Code.OK, message="")
     bar = tqdm(range(1, rounds + 1), desc=f"federate {method}", disable=not progress)
     for rnd in bar:
         results, failures = [], []
-        down = payload_size(current) * len(fleet)
         for c, client in enumerate(fleet):
             try:
                 arrays, n, metrics = client.fit(current, {"round": rnd})
@@ -182,16 +174,9 @@ def run_federated(method: str, make_model: Callable[[], nn.Module],
         new, _ = strategy.aggregate_fit(rnd, results, failures)
         if new is not None:
             current = parameters_to_ndarrays(new)
-        total += strategy.bytes_up + down
-        evals = [client.evaluate(current, {}) for client in fleet]
-        n_all = sum(n for _, n, _ in evals)
-        load_tensors(server, unpack(current))
-        records.append(RoundRecord(
-            rnd, accuracy(server, test)[1], sum(m["accuracy"] * n for _, n, m in evals) / n_all,
-            [m["accuracy"] for _, _, m in evals], strategy.bytes_up, down, total,
-            [f"client {x.client}: {x.reason}" for x in strategy.rejections]))
-        bar.set_postfix(acc=f"{records[-1].accuracy:.3f}",
-                        clients=f"{records[-1].mean_client_accuracy:.3f}")
-        if on_round is not None:
-            on_round(records)
-    return records, fleet
+        evals = [(None, EvaluateRes(ok, *client.evaluate(current, {"round": rnd})))
+                 for client in fleet]
+        strategy.aggregate_evaluate(rnd, evals, [])
+        bar.set_postfix(acc=f"{strategy.records[-1].accuracy:.3f}",
+                        clients=f"{strategy.records[-1].mean_client_accuracy:.3f}")
+    return strategy.records, fleet

@@ -12,11 +12,13 @@ averaged tensors equal those of the other two modes with the same seeds.
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from deltatune.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from deltatune.federated.recorder import FederationResult, RoundRecord
 
 _LOCAL = "deltatune-local"
 
@@ -33,11 +35,13 @@ def available() -> bool:
 def simulate(method: str, task_name: str = "toy", *, clients: int = 2, rounds: int = 1,
              local_epochs: int = 1, non_iid: float | None = None, lr: float = 3e-3,
              r: int = 4, batch_size: int = 16, seed: int = 0, examples: int | None = None,
-             cpus_per_client: float = 1.0) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """Run ``rounds`` of FedAvg in Flower's simulation; return the final global tensors.
+             test_examples: int | None = None, max_length: int | None = None,
+             cpus_per_client: float = 1.0,
+             on_round: Callable[[list[RoundRecord]], None] | None = None) -> FederationResult:
+    """Run ``rounds`` of FedAvg in Flower's simulation; return the global tensors and records.
 
-    Also returns one record per round (bytes up, clients that replied, failures,
-    rejections), as the process-mode server writes them.
+    The records are those of the in-process loop (server accuracy on the task's test set,
+    client accuracies, bytes); ``on_round`` gets them after every round.
     """
     if not available():
         raise ConfigError("Flower's simulation needs Ray: pip install 'flwr[simulation]'",
@@ -47,7 +51,7 @@ def simulate(method: str, task_name: str = "toy", *, clients: int = 2, rounds: i
     from flwr.server import ServerApp, ServerAppComponents, ServerConfig
     from flwr.simulation import run_simulation
 
-    from deltatune.federated.flower import DeltaClient, DeltaFedAvg
+    from deltatune.federated.flower import DeltaClient
     from deltatune.federated.payload import (
         from_bytes,
         global_tensors,
@@ -55,23 +59,15 @@ def simulate(method: str, task_name: str = "toy", *, clients: int = 2, rounds: i
         local_tensors,
         to_bytes,
     )
+    from deltatune.federated.recorder import FederationResult, RecordingFedAvg
     from deltatune.federated.run import client_shards, prepare
     from deltatune.federated.tasks import load_task
 
-    log: list[dict] = []
-
-    class Recording(DeltaFedAvg):
-        def aggregate_fit(self, server_round, results, failures):
-            new = super().aggregate_fit(server_round, results, failures)
-            log.append({"round": server_round, "bytes_up": self.bytes_up,
-                        "clients": len(results), "failures": len(failures),
-                        "rejected": [f"{x.client}: {x.reason}" for x in self.rejections]})
-            return new
-
-    task = load_task(task_name, examples=examples, seed=seed)
-    strategy = Recording(global_tensors(prepare(task.make_model(), method, r, seed), method),
-                         min_fit_clients=clients, min_available_clients=clients,
-                         fraction_evaluate=0.0)
+    task = load_task(task_name, examples=examples, test_examples=test_examples,
+                     max_length=max_length, seed=seed)
+    strategy = RecordingFedAvg(global_tensors(prepare(task.make_model(), method, r, seed), method),
+                               prepare(task.make_model(), method, r), task.test, clients,
+                               on_round=on_round)
 
     def server_fn(context: Context) -> ServerAppComponents:
         return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=rounds))
@@ -104,4 +100,4 @@ def simulate(method: str, task_name: str = "toy", *, clients: int = 2, rounds: i
                    client_app=ClientApp(client_fn=client_fn), num_supernodes=clients,
                    backend_config={"client_resources": {"num_cpus": cpus_per_client,
                                                         "num_gpus": 0.0}})
-    return strategy.reference, log
+    return FederationResult(strategy.reference, strategy.records, strategy.log)
