@@ -24,11 +24,7 @@ def _peft(arch, kind, seed=5, **kwargs):
         warnings.simplefilter("ignore")
         pm = peft.get_peft_model(FACTORIES[arch](), cls(task_type=task, num_virtual_tokens=P,
                                                         **kwargs))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in pm.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    randomize_trainable(pm, seed)
     return pm.eval()
 
 
@@ -129,18 +125,53 @@ def _peft_ptuning(arch, encoder):
         pm = peft.get_peft_model(FACTORIES[arch](), peft.PromptEncoderConfig(
             task_type=task, num_virtual_tokens=P, encoder_hidden_size=16,
             encoder_reparameterization_type=encoder))
-    gen = torch.Generator().manual_seed(5)
+    randomize_trainable(pm)
+    return pm.eval()
+
+
+def test_ptuning_template_is_refused(tmp_path):
+    dm = dt.attach(FACTORIES["llama"](), dt.PTuningConfig(prompt_length=3, pseudo_token_id=3))
+    with pytest.raises(ConfigError, match="template"):
+        dm.save_delta(tmp_path / "t", format="peft")
+
+
+@pytest.mark.parametrize("kind", ["prompt", "ptuning"])
+def test_sequence_classifier_head_copy_moves_both_ways(kind, tmp_path):
+    """SEQ_CLS: PEFT trains and saves a copy of the classifier beside the prompt."""
+    import peft
+    from peft import PeftModel
+
+    if kind == "prompt":
+        pm = _peft("bert", "prompt")
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm = peft.get_peft_model(FACTORIES["bert"](), peft.PromptEncoderConfig(
+                task_type="SEQ_CLS", num_virtual_tokens=P, encoder_hidden_size=16))
+        randomize_trainable(pm)
+    pm.save_pretrained(tmp_path / "a")
+    inputs = model_inputs("bert")
+    with torch.no_grad():
+        expected = pm(**inputs).logits
+        base = FACTORIES["bert"]()(**inputs).logits
+    dm = dt.load_peft(tmp_path / "a", model=FACTORIES["bert"]())
+    delta = dm.get_delta("default")
+    assert delta.config.modules_to_save == ["classifier"]
+    # PEFT's trained head copy and prompt change the logits; ours equal PEFT's
+    assert not torch.allclose(expected, base, atol=1e-3)
+    assert (_out(dm, "bert") - expected).abs().max() < 1e-5
+    randomize_deltas(dm, std=0.5, seed=9)
+    ours = _out(dm, "bert")
+    dm.save_delta(tmp_path / "b", format="peft")
+    theirs = PeftModel.from_pretrained(FACTORIES["bert"](), tmp_path / "b").eval()
+    with torch.no_grad():
+        assert (theirs(**inputs).logits - ours).abs().max() < 1e-5
+
+
+def randomize_trainable(pm, seed=5):
+    """Fill every trainable tensor of a PEFT model with N(0, 0.25) draws."""
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in pm.parameters():
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    return pm.eval()
-
-
-def test_ptuning_template_and_prompt_copies_are_refused(tmp_path):
-    dm = dt.attach(FACTORIES["llama"](), dt.PTuningConfig(prompt_length=3, pseudo_token_id=3))
-    with pytest.raises(ConfigError, match="template"):
-        dm.save_delta(tmp_path / "t", format="peft")
-    _peft("bert", "prompt").save_pretrained(tmp_path / "b")  # SEQ_CLS: PEFT saves the head
-    with pytest.raises(ConfigError, match="module copies"):
-        dt.load_peft(tmp_path / "b", model=FACTORIES["bert"]())

@@ -234,10 +234,14 @@ def group_by_module(tensors: dict[str, torch.Tensor], leaves: Any, what: str
     return groups, rest
 
 
-def copy_tensors_to_peft(tensors: dict[str, torch.Tensor], copies: list[str]
-                         ) -> dict[str, torch.Tensor]:
-    """Return the module-copy tensors among ``tensors`` under PEFT's keys."""
-    return {PEFT_PREFIX + k: v for k, v in tensors.items()
+def copy_tensors_to_peft(tensors: dict[str, torch.Tensor], copies: list[str],
+                         prefix: str = PEFT_PREFIX) -> dict[str, torch.Tensor]:
+    """Return the module-copy tensors among ``tensors`` under PEFT's keys.
+
+    ``prefix`` is ``base_model.model.`` for the tuner methods and ``base_model.`` for the
+    prompt-learning ones (PEFT wraps the model one level less deep there).
+    """
+    return {prefix + k: v for k, v in tensors.items()
             if any(k.startswith(c + ".") for c in copies)}
 
 

@@ -14,9 +14,10 @@ P-tuning: PEFT saves the prompt encoder's output (the bi-LSTM/MLP is a training 
 as we do, and prepends it; our ``placement="prefix"`` is that layout (templates with
 anchor tokens have no PEFT form and are refused on writing).
 
-PEFT adapters of these types that carry module copies (``modules_to_save``, or the
-classifier PEFT adds for ``SEQ_CLS``) are refused: deltatune's prompt-family deltas do
-not save module copies yet.
+Module copies (``modules_to_save``, and the classifier PEFT adds itself for ``SEQ_CLS``
+and ``TOKEN_CLS``) move both ways as full copies of the module: PEFT's prompt-learning
+model saves them as ``base_model.<module>.<param>`` (one level less than the tuner
+methods' ``base_model.model.``).
 
 Prefix tuning: both hold, per prefix position, [layer 0 keys, layer 0 values, layer 1
 keys, ...] with each block kv_heads x head_dim wide, so the matrix moves unchanged (PEFT
@@ -42,6 +43,7 @@ from deltatune.interop.peft_format import (
     Converted,
     PeftMapping,
     common_peft_config,
+    copy_tensors_to_peft,
     register_mapping,
     split_other_tensors,
 )
@@ -65,11 +67,6 @@ def _take(tensors: dict[str, torch.Tensor], what: str) -> tuple[torch.Tensor,
     # PEFT's prompt-learning model holds the HF model as `base_model` (one level less than
     # the tuner methods), so module copies are saved as `base_model.<module>...`.
     rest = {k.removeprefix(PROMPT_PREFIX): v for k, v in tensors.items() if k != KEY}
-    if rest:
-        raise ConfigError(f"the {what} adapter also saves {len(rest)} other tensor(s) (e.g. "
-                          f"{next(iter(rest))!r}: modules_to_save, or the classifier PEFT adds "
-                          f"for SEQ_CLS); deltatune's prompt-family deltas do not save module "
-                          f"copies yet. Load it with peft.", field="modules_to_save")
     return tensors[KEY], rest
 
 
@@ -110,10 +107,9 @@ def prompt_to_peft(model: nn.Module, delta: AttachedDelta, tensors: dict[str, to
     if prompt.shape[0] != 1:
         raise ConfigError(f"a prompt ensemble (num_prompts={prompt.shape[0]}) has no PEFT form; "
                           f"save it with format='deltatune'.", field="num_prompts")
-    _no_copies(delta)
     blocks = 2 if _is_encoder_decoder(model) else 1
-    copies: list[str] = []
-    out = {KEY: prompt[0].repeat(blocks, 1).contiguous()}
+    copies, out = _copies_to_peft(delta, tensors)
+    out[KEY] = prompt[0].repeat(blocks, 1).contiguous()
     return {
         **_prompt_config(model, "PROMPT_TUNING", copies),
         "num_virtual_tokens": int(prompt.shape[1]),
@@ -176,8 +172,7 @@ def prefix_to_peft(model: nn.Module, delta: AttachedDelta, tensors: dict[str, to
     if config.mode != "prefix" or config.cross_attention or _is_encoder_decoder(model):
         raise ConfigError("only decoder-only prefix tuning in 'prefix' mode has a PEFT form; "
                           "save it with format='deltatune'.", field="mode")
-    _no_copies(delta)
-    copies: list[str] = []
+    copies, out = _copies_to_peft(delta, tensors)
     prefix = tensors["prefix"]
     return {
         **_prompt_config(model, "PREFIX_TUNING", copies),
@@ -185,14 +180,15 @@ def prefix_to_peft(model: nn.Module, delta: AttachedDelta, tensors: dict[str, to
         "prefix_projection": False,
         "encoder_hidden_size": None,
         **_FILLED_BY_PEFT,
-    }, {KEY: prefix}
+    }, {**out, KEY: prefix}
 
 
-def _no_copies(delta: AttachedDelta) -> None:
-    if delta.info.get("copies"):
-        raise ConfigError(f"delta {delta.name!r} has module copies (modules_to_save), which "
-                          f"prompt-family deltas do not save; save it with "
-                          f"format='deltatune'.", field="modules_to_save")
+def _copies_to_peft(delta: AttachedDelta, tensors: dict[str, torch.Tensor]
+                    ) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """The delta's module copies (``modules_to_save``) and their tensors under PEFT's
+    prompt-learning keys (``base_model.<module>.<param>``)."""
+    copies = sorted(delta.info.get("copies", []))
+    return copies, copy_tensors_to_peft(tensors, copies, prefix=PROMPT_PREFIX)
 
 
 def ptuning_from_peft(peft_config: dict[str, Any], tensors: dict[str, torch.Tensor]
@@ -200,8 +196,9 @@ def ptuning_from_peft(peft_config: dict[str, Any], tensors: dict[str, torch.Tens
     """Turn a PEFT P-tuning adapter into a deltatune ``ptuning`` delta (prefix placement)."""
     converted = prompt_from_peft(peft_config, tensors)
     length = converted.config.prompt_length
-    converted.config = PTuningConfig(prompt_length=length, encoder="none", placement="prefix")
-    converted.tensors = {"prompt": converted.tensors["prompt"][0]}
+    converted.config = PTuningConfig(prompt_length=length, encoder="none", placement="prefix",
+                                     modules_to_save=converted.copies)
+    converted.tensors = {**converted.tensors, "prompt": converted.tensors["prompt"][0]}
     return converted
 
 
@@ -219,18 +216,18 @@ def ptuning_to_peft(model: nn.Module, delta: AttachedDelta, tensors: dict[str, t
         raise ConfigError("a P-tuning template (prompts among anchor tokens) has no PEFT form: "
                           "PEFT prepends the prompts. Use placement='prefix' or save it with "
                           "format='deltatune'.", field="placement")
-    _no_copies(delta)
+    copies, out = _copies_to_peft(delta, tensors)
     prompt = tensors["prompt"]
     blocks = 2 if _is_encoder_decoder(model) else 1
     return {
-        **_prompt_config(model, "P_TUNING", []),
+        **_prompt_config(model, "P_TUNING", copies),
         "num_virtual_tokens": int(prompt.shape[0]),
         "encoder_reparameterization_type": "MLP",
         "encoder_hidden_size": int(prompt.shape[1]),
         "encoder_num_layers": 2,
         "encoder_dropout": 0.0,
         **_FILLED_BY_PEFT,
-    }, {KEY: prompt.repeat(blocks, 1).contiguous()}
+    }, {**out, KEY: prompt.repeat(blocks, 1).contiguous()}
 
 
 PTUNING = register_mapping(PeftMapping("P_TUNING", "ptuning", ptuning_from_peft,
