@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from deltatune.kernels import triton_lora
+
 
 def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                           A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
@@ -92,10 +94,17 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """Return x W^T + b + s (x A^T) B^T through :class:`LoraLinearFunction`.
 
     Without autograd recording (inference) the Function is skipped: same kernels, less
-    Python per call, which is what decoding one token at a time is bound by.
+    Python per call, which is what decoding one token at a time is bound by. There, up to
+    :data:`~deltatune.kernels.triton_lora.SMALL_M` rows on CUDA take one Triton kernel
+    that computes the whole sum (:func:`~deltatune.kernels.triton_lora.lora_matmul`).
     """
     if not torch.is_grad_enabled() or not any(
             t is not None and t.requires_grad for t in (x, weight, bias, A, B)):
+        rows = x.numel() // max(x.shape[-1], 1)
+        if rows <= triton_lora.SMALL_M and triton_lora.supports(x, weight, A.shape[0]):
+            y, _ = triton_lora.lora_matmul(x.reshape(rows, x.shape[-1]), weight, bias, A, B,
+                                           float(scale))
+            return y.view(*x.shape[:-1], weight.shape[0])
         return _fused_forward(x, weight, bias, A, B, float(scale))[0]
     return LoraLinearFunction.apply(x, weight, bias, A, B, float(scale))
 
