@@ -342,8 +342,7 @@ def _graph_time(calls, reps: int = 20) -> float:
     return statistics.median(times)
 
 
-SWEEP = [(16, 256, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3), (16, 128, 2, 4),
-         (32, 128, 4, 4), (64, 256, 8, 3), (16, 512, 4, 2), (32, 512, 8, 2)]
+SWEEP = [(bn, bk, sk, 4, 3) for bn in (16, 32, 64) for bk in (128, 256) for sk in (1, 2, 4, 8)]
 
 
 def kernel_bench(sweep: bool) -> None:
@@ -380,9 +379,11 @@ def kernel_bench(sweep: bool) -> None:
                      for W, A, B in zip(Ws, As, Bs)])
                 if sweep and M in (1, 32):
                     best = (math.inf, None)
-                    for bn, bk, nw, ns in SWEEP:
+                    for bn, bk, sk, nw, ns in SWEEP:
+                        if K // sk < bk:
+                            continue
                         cfg = dict(BLOCK_M=16 if M <= 16 else 32, BLOCK_N=bn, BLOCK_K=bk,
-                                   GROUP_M=1, num_warps=nw, num_stages=ns)
+                                   GROUP_M=1, SPLIT_K=sk, num_warps=nw, num_stages=ns)
                         tlr.set_config_override(cfg)
                         try:
                             sec = _graph_time(
@@ -393,9 +394,9 @@ def kernel_bench(sweep: bool) -> None:
                             log(f"    config {cfg} failed: {type(e).__name__}")
                         finally:
                             tlr.set_config_override(None)
-                        record("sweep", K, N, M, sec, config=[bn, bk, nw, ns])
+                        record("sweep", K, N, M, sec, config=[bn, bk, sk, nw, ns])
                         if sec < best[0]:
-                            best = (sec, [bn, bk, nw, ns])
+                            best = (sec, [bn, bk, sk, nw, ns])
                     t["lora triton best of sweep"] = best[0]
                     record("sweep best", K, N, M, best[0], config=best[1])
                 if M == 32:
@@ -411,7 +412,11 @@ def kernel_bench(sweep: bool) -> None:
                         [lambda W=W, x3=x3, m=mask, a=a_cat, b=b_cat: multi_lora_concat(
                             x3, F.linear(x3, W), m, a, b)
                          for W in Ws])
-                    t["mixed-32 triton bgmv"] = _graph_time(
+                    t["mixed-32 triton bgmv 2 launches"] = _graph_time(
+                        [lambda W=W, x=x, a=a_st, b=b_st, i=idx:
+                         tlr.bgmv_matmul(x, W, None, a, b, i, fused=False)
+                         for W in Ws])
+                    t["mixed-32 triton bgmv fused"] = _graph_time(
                         [lambda W=W, x=x, a=a_st, b=b_st, i=idx:
                          tlr.bgmv_matmul(x, W, None, a, b, i)
                          for W in Ws])
@@ -445,7 +450,7 @@ def large_m_bench(tokens: int) -> None:
                     (64, 256, 64, 4, 4, 8), (128, 128, 64, 4, 4, 8)):
             bm, bn, bk, nw, ns, gm = cfg
             tlr.set_config_override(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm,
-                                         num_warps=nw, num_stages=ns))
+                                         SPLIT_K=1, num_warps=nw, num_stages=ns))
             try:
                 t[f"triton h-in-loop {cfg}"] = timeit(
                     lambda: tlr.lora_matmul(x, W, None, A, B, 2.0), 20, 3)
@@ -489,6 +494,11 @@ def layer_bench(tokens: int, reps: int) -> None:
     rows["frozen"] = timeit(step(lambda: lin(x)), reps)
     rows["deltatune fast"] = timeit(step(lambda: lora_linear(x, lin.weight, None, A, B, 2.0)),
                                     reps)
+    from deltatune.kernels import lora_linear as ll
+    ll.EXPAND_FIRST = False
+    rows["deltatune fast (base GEMM first, then addmm_)"] = timeit(
+        step(lambda: lora_linear(x, lin.weight, None, A, B, 2.0)), reps)
+    ll.EXPAND_FIRST = True
     rows["deltatune plain"] = timeit(
         step(lambda: lora_linear_reference(x, lin.weight, None, A, B, 2.0)), reps)
     for label, fp32 in (("peft default (fp32 adapters)", True), ("peft bf16 adapters", False)):
@@ -690,6 +700,12 @@ def infer_bench(shape: str, prefill_batch: int, prefill_len: int, decode_tokens:
             rowkw = "adapter_names"
         net.eval()
         record(fw, "prefill unmerged", timeit(lambda n=net: prefill(n), reps))
+        if fw == "deltatune":
+            from deltatune.kernels import lora_linear as ll
+            ll.EXPAND_FIRST = False
+            record(fw, "prefill unmerged (base GEMM first)", timeit(lambda n=net: prefill(n),
+                                                                   reps))
+            ll.EXPAND_FIRST = True
         for b in (1, 32):
             record(fw, f"decode b{b} unmerged",
                    timeit(lambda b=b, n=net: decode(n, b), 3, 1) / decode_tokens, True, b)

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 
 from deltatune.kernels import triton_lora
 
+EXPAND_FIRST = True  # see _fused_forward; False: base GEMM first, then addmm_ (the bench compares)
+
 
 def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                           A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
@@ -44,10 +46,20 @@ def _fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     d_in, d_out = weight.shape[1], weight.shape[0]
     x2 = x.reshape(-1, d_in)
     Ac, Bc = A.to(x.dtype), B.to(x.dtype)
-    y = F.linear(x2, weight, bias)
     h = x2 @ Ac.t()
-    # beta=1 accumulation into the fresh base output; the scale rides in alpha.
-    y.addmm_(h, Bc.t(), alpha=scale)
+    if EXPAND_FIRST:
+        # The rank-r expand writes y first (one pass), then the base GEMM accumulates into
+        # it with beta=1: cuBLAS reads y in its epilogue, hidden under the compute-bound
+        # main loop, instead of a separate read-modify-write pass over y afterwards.
+        if bias is not None:
+            y = torch.addmm(bias, h, Bc.t(), alpha=scale)
+        else:
+            y = torch.mm(h if scale == 1.0 else h * scale, Bc.t())
+        y.addmm_(x2, weight.t())
+    else:
+        y = F.linear(x2, weight, bias)
+        # beta=1 accumulation into the fresh base output; the scale rides in alpha.
+        y.addmm_(h, Bc.t(), alpha=scale)
     return y.view(*x.shape[:-1], d_out), x2, Ac, Bc, h
 
 
@@ -79,8 +91,12 @@ class LoraLinearFunction(torch.autograd.Function):
         if need_a:
             grad_a = torch.mm(gB.t(), x2).mul_(s).to(ctx.adapter_dtypes[0])
         if need_x:
-            grad_x = g @ weight
-            grad_x.addmm_(gB, Ac, alpha=s)
+            if EXPAND_FIRST:  # as in forward: the rank-r term first, the big GEMM on top
+                grad_x = torch.mm(gB, Ac) if s == 1.0 else torch.mm(gB * s, Ac)
+                grad_x.addmm_(g, weight)
+            else:
+                grad_x = g @ weight
+                grad_x.addmm_(gB, Ac, alpha=s)
             grad_x = grad_x.view(*grad_out.shape[:-1], weight.shape[1])
         if need_w:
             grad_w = g.t() @ x2

@@ -39,15 +39,16 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @functools.lru_cache(maxsize=1)
 def _triton():
-    """Return (triton, triton.language, kernels) or None when triton cannot be imported."""
+    """Return (triton, kernel module, kernels) or None when triton cannot be imported."""
     try:
         import triton
-        import triton.language as tl
+
+        if interpreted():
+            _patch_interpreter()
+        from deltatune.kernels import _triton_lora_kernels as k
     except Exception:  # no triton, or a broken install: the cuBLAS path stays
         return None
-    if interpreted():
-        _patch_interpreter()
-    return triton, tl, _build(triton, tl)
+    return triton, k, {"lora_mm": k.lora_mm_kernel, "bgmv_shrink": k.bgmv_shrink_kernel}
 
 
 def _patch_interpreter() -> None:
@@ -93,106 +94,6 @@ def supports(x: torch.Tensor, weight: torch.Tensor, rank: int) -> bool:
             and available(x))
 
 
-def _build(triton, tl):
-    """Define the kernels (only once triton is importable)."""
-
-    @triton.jit
-    def lora_mm_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, h_ptr, idx_ptr, y_ptr,
-                       M, N, K, R, scale,
-                       s_xm, s_xk, s_wn, s_wk, s_ar, s_ak, s_be, s_bn, s_br,
-                       s_hs, s_hm, s_hr, s_ym, s_yn,
-                       MODE: tl.constexpr, STORE_H: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       PREC: tl.constexpr, SPLIT: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
-        # MODE 0: h = x A^T in the K loop; 1: h given (M, R); 2: per-row adapters, h
-        # given as SPLIT partial sums (SPLIT, M, R) and B gathered by idx (scale folded in).
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_n = tl.cdiv(N, BLOCK_N)
-        # grouped order: GROUP_M row tiles share each W tile while it is in L2
-        per_group = GROUP_M * num_n
-        first_m = (pid // per_group) * GROUP_M
-        size_m = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % per_group) % size_m
-        pid_n = (pid % per_group) // size_m
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rr = tl.arange(0, BLOCK_R)
-        rk = tl.arange(0, BLOCK_K)
-        mask_m = rm < M
-        mask_n = rn < N
-        mask_r = rr < R
-        x_ptrs = x_ptr + rm[:, None] * s_xm + rk[None, :] * s_xk
-        w_ptrs = w_ptr + rk[:, None] * s_wk + rn[None, :] * s_wn
-        a_ptrs = a_ptr + rk[:, None] * s_ak + rr[None, :] * s_ar
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            mask_k = rk < K - k0
-            xt = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            wt = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            acc = tl.dot(xt, wt, acc, input_precision=PREC)
-            if MODE == 0:
-                at = tl.load(a_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-                h = tl.dot(xt, at, h, input_precision=PREC)
-                a_ptrs += BLOCK_K * s_ak
-            x_ptrs += BLOCK_K * s_xk
-            w_ptrs += BLOCK_K * s_wk
-        in_ty = x_ptr.dtype.element_ty
-        if MODE == 2:
-            entry = tl.load(idx_ptr + rm, mask=mask_m, other=0)
-            for j in range(0, R):
-                hj = tl.zeros((BLOCK_M,), dtype=tl.float32)
-                for s in range(SPLIT):
-                    hj += tl.load(h_ptr + s * s_hs + rm * s_hm + j * s_hr, mask=mask_m,
-                                  other=0.0)
-                bj = tl.load(b_ptr + entry[:, None] * s_be + rn[None, :] * s_bn + j * s_br,
-                             mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-                acc += hj[:, None] * bj.to(tl.float32)
-        else:
-            h_mask = mask_m[:, None] & mask_r[None, :]
-            h_ptrs = h_ptr + rm[:, None] * s_hm + rr[None, :] * s_hr
-            if MODE == 1:
-                h = tl.load(h_ptrs, mask=h_mask, other=0.0).to(tl.float32)
-            elif STORE_H:
-                # one column of programs writes h; the others computed the same values
-                tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=h_mask & (pid_n == 0))
-            hs = (h * scale).to(in_ty)
-            bt = tl.load(b_ptr + rr[:, None] * s_br + rn[None, :] * s_bn,
-                         mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-            acc = tl.dot(hs, bt, acc, input_precision=PREC)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rm[:, None] * s_ym + rn[None, :] * s_yn, acc.to(y_ptr.dtype.element_ty),
-                 mask=mask_m[:, None] & mask_n[None, :])
-
-    @triton.jit
-    def bgmv_shrink_kernel(x_ptr, a_ptr, idx_ptr, h_ptr, K, R, k_per_split,
-                           s_xm, s_xk, s_ae, s_ar, s_ak, s_hs, s_hm, s_hr,
-                           BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-        # program (m, s): row m's partial h over the s-th slice of K, in float32
-        m = tl.program_id(0)
-        s = tl.program_id(1)
-        entry = tl.load(idx_ptr + m)
-        rr = tl.arange(0, BLOCK_R)
-        rk = tl.arange(0, BLOCK_K)
-        mask_r = rr < R
-        acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-        k_start = s * k_per_split
-        k_end = tl.minimum(k_start + k_per_split, K)
-        for k0 in range(k_start, k_end, BLOCK_K):
-            kk = k0 + rk
-            mask_k = kk < k_end
-            xk = tl.load(x_ptr + m * s_xm + kk * s_xk, mask=mask_k, other=0.0)
-            at = tl.load(a_ptr + entry * s_ae + rr[:, None] * s_ar + kk[None, :] * s_ak,
-                         mask=mask_r[:, None] & mask_k[None, :], other=0.0)
-            acc += at.to(tl.float32) * xk.to(tl.float32)[None, :]
-        tl.store(h_ptr + s * s_hs + m * s_hm + rr * s_hr, tl.sum(acc, axis=1), mask=mask_r)
-
-    return {"lora_mm": lora_mm_kernel, "bgmv_shrink": bgmv_shrink_kernel}
-
-
 def _precision(x: torch.Tensor) -> str | None:
     """tl.dot input precision: exact float32 products for float32 (no TF32), else default."""
     return "ieee" if x.dtype == torch.float32 else None
@@ -202,31 +103,90 @@ def _next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+PROGRAMS = 512  # aim for about this many programs in a small-M launch (132 SMs, ~4 each)
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_COUNTER_SLOTS = 1 << 16
+
+
+def _pow2_at_most(n: int) -> int:
+    p = 1
+    while p * 2 <= n:
+        p *= 2
+    return p
+
+
 def _config(M: int, N: int, K: int) -> dict:
     """Tile sizes for an (M x K) @ (K x N) problem: enough programs to cover the SMs.
 
-    Small M (decode) is bound by streaming W: narrow N tiles so that about 128 programs
-    each stream a slice; large M uses the usual compute-bound tiles.
+    Small M (decode) is bound by streaming W with enough bytes in flight: narrow N tiles,
+    and K split over SPLIT_K programs per tile until about :data:`PROGRAMS` programs
+    stream their slices; large M uses the usual compute-bound tiles.
     """
     if interpreted():  # the CPU interpreter: small tiles keep it quick
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, SPLIT_K=2, num_warps=4,
+                    num_stages=1)
     if M <= SMALL_M:
         block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
-        block_n = 16
-        while block_n < 64 and N // (block_n * 2) >= 128:
-            block_n *= 2
-        return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=256 if K >= 256 else 64,
-                    GROUP_M=1, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+        block_n, block_k = (16 if N <= 4096 else 32), 256
+        tiles = -(-M // block_m) * -(-N // block_n)
+        split = _pow2_at_most(max(1, min(-(-PROGRAMS // tiles), K // (2 * block_k))))
+        return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=1,
+                    SPLIT_K=split, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SPLIT_K=1, num_warps=8,
+                num_stages=3)
 
 
 _OVERRIDE: dict | None = None  # set by the bench's config sweep
 
 
 def set_config_override(cfg: dict | None) -> None:
-    """Force the tile configuration of :func:`lora_matmul` (the bench's sweep), or reset."""
+    """Force the tile configuration of the kernels (the bench's sweep); None resets."""
     global _OVERRIDE
     _OVERRIDE = cfg
+
+
+def _counters(device: torch.device) -> torch.Tensor | None:
+    """The device's zeroed int32 semaphores (each launch leaves them zero), or None.
+
+    Allocated on first use outside graph capture (memory taken inside a capture belongs
+    to that graph's pool); None while capturing before any exists.
+    """
+    cnt = _COUNTERS.get(device)
+    if cnt is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        cnt = _COUNTERS[device] = torch.zeros(_COUNTER_SLOTS, dtype=torch.int32,
+                                              device=device)
+    return cnt
+
+
+def _launch(x, weight, bias, a, b, h, idx, y, M, N, K, r, scale, a_strides, b_strides,
+            h_strides, mode: int, store_h: bool, h_split: int = 1, n_shrink: int = 0,
+            k_shrink: int = 0, fused_shrink: bool = False) -> None:
+    """Launch the matmul kernel with this problem's configuration (split-K when it pays)."""
+    triton, _, kernels = _triton()
+    cfg = dict(_OVERRIDE or _config(M, N, K))
+    cfg["BLOCK_R"] = max(16, _next_pow2(r))
+    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+    cnt = None
+    if cfg["SPLIT_K"] > 1 or fused_shrink:
+        cnt = _counters(x.device)
+        if cnt is None or tiles + 3 > _COUNTER_SLOTS or store_h:
+            cfg["SPLIT_K"], cnt = 1, None
+    if fused_shrink and cnt is None:
+        raise RuntimeError("fused shrink needs the semaphores (first call inside a capture)")
+    split = cfg["SPLIT_K"]
+    k_split = triton.cdiv(triton.cdiv(K, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+    ws = torch.empty((split, M, N), device=x.device, dtype=torch.float32) if split > 1 else y
+    grid = (tiles * split + (n_shrink if fused_shrink else 0),)
+    kernels["lora_mm"][grid](
+        x, weight, bias if bias is not None else x, a, b, h if h is not None else x,
+        idx if idx is not None else x, y, ws, cnt if cnt is not None else x,
+        M, N, K, r, float(scale), k_split, n_shrink if fused_shrink else 0, k_shrink,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), *a_strides, *b_strides,
+        *h_strides, y.stride(0), y.stride(1),
+        MODE=mode, STORE_H=store_h, HAS_BIAS=bias is not None, PREC=_precision(x),
+        H_SPLIT=h_split, FUSED_SHRINK=fused_shrink, **cfg)
 
 
 def lora_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -242,9 +202,7 @@ def lora_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ``x A^T`` in float32 (M, r); otherwise the second item is None. Float32 inputs use
     exact float32 products (no TF32).
     """
-    kern = _triton()
-    assert kern is not None, "triton is not available"
-    triton, _, kernels = kern
+    assert _triton() is not None, "triton is not available"
     M, K = x.shape
     N, r = weight.shape[0], A.shape[0]
     if A.dtype != x.dtype:
@@ -257,40 +215,29 @@ def lora_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         h_out = torch.empty((M, r), device=x.device, dtype=torch.float32)
     h_arg = h if h is not None else h_out
     hs = h_arg.stride() if h_arg is not None else (0, 0)
-    cfg = dict(_OVERRIDE or _config(M, N, K))
-    cfg["BLOCK_R"] = max(16, _next_pow2(r))
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-    kernels["lora_mm"][grid](
-        x, weight, bias if bias is not None else x, A, B,
-        h_arg if h_arg is not None else x, x, y,
-        M, N, K, r, float(scale),
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-        A.stride(0), A.stride(1), 0, B.stride(0), B.stride(1),
-        0, hs[0], hs[1], y.stride(0), y.stride(1),
-        MODE=1 if h is not None else 0, STORE_H=h_out is not None,
-        HAS_BIAS=bias is not None, PREC=_precision(x), SPLIT=1, **cfg)
+    _launch(x, weight, bias, A, B, h_arg, None, y, M, N, K, r, scale,
+            (0, A.stride(0), A.stride(1)), (0, B.stride(0), B.stride(1)), (0, hs[0], hs[1]),
+            mode=1 if h is not None else 0, store_h=h_out is not None)
     return y, h_out
 
 
 def _shrink_split(M: int, K: int, block_k: int) -> int:
-    """How many K slices the BGMV shrink uses: about 128 programs in all."""
+    """How many K slices the BGMV shrink uses: about 128 producer programs in all."""
     if interpreted():
         return 2
-    target = max(1, min(128 // max(M, 1), K // (block_k * 2)))
-    split = 1
-    while split * 2 <= target:
-        split *= 2
-    return split
+    return _pow2_at_most(max(1, min(128 // max(M, 1), K // (block_k * 2))))
 
 
 def bgmv_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                a_stack: torch.Tensor, b_stack: torch.Tensor, index: torch.Tensor
-                ) -> torch.Tensor:
+                a_stack: torch.Tensor, b_stack: torch.Tensor, index: torch.Tensor, *,
+                fused: bool = True) -> torch.Tensor:
     """Return x W^T + b plus row m's s_e (x_m A_e^T) B_e^T with e = ``index[m]``.
 
     ``a_stack`` (E, r, K) and ``b_stack`` (E, N, r) hold every adapter, the scale already
     folded into B (:func:`deltatune.kernels.multi_lora.stack_padded`; its last entry is
-    all zeros, the base model's rows). ``x`` is (M, K); two kernel launches in all.
+    all zeros, the base model's rows); ``index`` is int32 (M,). ``x`` is (M, K). One
+    launch (``fused``: the shrink runs in the same grid, ahead of the matmul's epilogue)
+    or two (a separate shrink kernel first).
     """
     kern = _triton()
     assert kern is not None, "triton is not available"
@@ -298,27 +245,21 @@ def bgmv_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     M, K = x.shape
     N, r = weight.shape[0], a_stack.shape[1]
     block_r = max(16, _next_pow2(r))
-    block_k = 32 if interpreted() else 256
+    block_k = int((_OVERRIDE or _config(M, N, K))["BLOCK_K"])
     split = _shrink_split(M, K, block_k)
     per = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
     h = torch.empty((split, M, r), device=x.device, dtype=torch.float32)
-    kernels["bgmv_shrink"][(M, split)](
-        x, a_stack, index, h, K, r, per,
-        x.stride(0), x.stride(1), a_stack.stride(0), a_stack.stride(1), a_stack.stride(2),
-        h.stride(0), h.stride(1), h.stride(2),
-        BLOCK_K=block_k, BLOCK_R=block_r, num_warps=4)
+    if fused and _counters(x.device) is None:
+        fused = False
+    if not fused:
+        kernels["bgmv_shrink"][(M, split)](
+            x, a_stack, index, h, K, r, per,
+            x.stride(0), x.stride(1), a_stack.stride(0), a_stack.stride(1), a_stack.stride(2),
+            h.stride(0), h.stride(1), BLOCK_K=block_k, BLOCK_R=block_r, num_warps=4)
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    cfg = dict(_OVERRIDE or _config(M, N, K))
-    cfg["BLOCK_R"] = block_r
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-    kernels["lora_mm"][grid](
-        x, weight, bias if bias is not None else x, x, b_stack, h, index, y,
-        M, N, K, r, 1.0,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-        0, 0, b_stack.stride(0), b_stack.stride(1), b_stack.stride(2),
-        h.stride(0), h.stride(1), h.stride(2), y.stride(0), y.stride(1),
-        MODE=2, STORE_H=False, HAS_BIAS=bias is not None, PREC=_precision(x),
-        SPLIT=split, **cfg)
+    _launch(x, weight, bias, a_stack, b_stack, h, index, y, M, N, K, r, 1.0,
+            a_stack.stride(), b_stack.stride(), h.stride(), mode=2, store_h=False,
+            h_split=split, n_shrink=M * split, k_shrink=per, fused_shrink=fused)
     return y
 
 
