@@ -119,11 +119,11 @@ def lora_mm_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, h_ptr, idx_ptr, y_ptr,
             acc = tl.dot((h * scale).to(in_ty), bt, acc, input_precision=PREC)
         elif pid_k == 0:
             if MODE == 1:
-                h = tl.load(h_ptr + rm[:, None] * s_hm + rr[None, :] * s_hr,
-                            mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+                hg = tl.load(h_ptr + rm[:, None] * s_hm + rr[None, :] * s_hr,
+                             mask=mask_m[:, None] & mask_r[None, :], other=0.0)
                 bt = tl.load(b_ptr + rr[:, None] * s_br + rn[None, :] * s_bn,
                              mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-                acc = tl.dot((h.to(tl.float32) * scale).to(in_ty), bt, acc,
+                acc = tl.dot((hg.to(tl.float32) * scale).to(in_ty), bt, acc,
                              input_precision=PREC)
             else:
                 if FUSED_SHRINK:

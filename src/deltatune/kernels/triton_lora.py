@@ -160,6 +160,20 @@ def _counters(device: torch.device) -> torch.Tensor | None:
     return cnt
 
 
+_DUMMIES: dict[torch.device, torch.Tensor] = {}
+
+
+def _index_dummy(device: torch.device) -> torch.Tensor:
+    """An int32 tensor standing for the row index where there is none (never read: the
+    kernel's BGMV branches only run in mode 2, but every branch must type-check)."""
+    t = _DUMMIES.get(device)
+    if t is None:
+        t = torch.zeros(1, dtype=torch.int32, device=device)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _DUMMIES[device] = t
+    return t
+
+
 def _launch(x, weight, bias, a, b, h, idx, y, M, N, K, r, scale, a_strides, b_strides,
             h_strides, mode: int, store_h: bool, h_split: int = 1, n_shrink: int = 0,
             k_shrink: int = 0, fused_shrink: bool = False) -> None:
@@ -181,7 +195,8 @@ def _launch(x, weight, bias, a, b, h, idx, y, M, N, K, r, scale, a_strides, b_st
     grid = (tiles * split + (n_shrink if fused_shrink else 0),)
     kernels["lora_mm"][grid](
         x, weight, bias if bias is not None else x, a, b, h if h is not None else x,
-        idx if idx is not None else x, y, ws, cnt if cnt is not None else x,
+        idx if idx is not None else _index_dummy(x.device), y, ws,
+        cnt if cnt is not None else x,
         M, N, K, r, float(scale), k_split, n_shrink if fused_shrink else 0, k_shrink,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), *a_strides, *b_strides,
         *h_strides, y.stride(0), y.stride(1),
