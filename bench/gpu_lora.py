@@ -406,6 +406,7 @@ def kernel_bench(sweep: bool) -> None:
                     a_cat, b_cat, offs = stack_concat(Am, Bm, [2.0] * n_ad, dtype)
                     mask = concat_mask(list(range(32)), offs, dtype, d)
                     a_st, b_st = stack_padded(Am, Bm, [2.0] * n_ad, dtype)
+                    b_st = tlr.expand_layout(b_st)
                     idx = torch.arange(32, device=d, dtype=torch.int32)
                     x3 = x.view(32, 1, K)
                     t["mixed-32 cuBLAS concat"] = _graph_time(

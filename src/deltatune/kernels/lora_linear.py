@@ -25,7 +25,9 @@ import torch.nn.functional as F
 
 from deltatune.kernels import triton_lora
 
-EXPAND_FIRST = True  # see _fused_forward; False: base GEMM first, then addmm_ (the bench compares)
+# see _fused_forward (taken above SMALL_M rows); False: base GEMM first, then addmm_ (the
+# bench compares both)
+EXPAND_FIRST = True
 
 
 def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -47,7 +49,7 @@ def _fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     x2 = x.reshape(-1, d_in)
     Ac, Bc = A.to(x.dtype), B.to(x.dtype)
     h = x2 @ Ac.t()
-    if EXPAND_FIRST:
+    if EXPAND_FIRST and x2.shape[0] > triton_lora.SMALL_M:
         # The rank-r expand writes y first (one pass), then the base GEMM accumulates into
         # it with beta=1: cuBLAS reads y in its epilogue, hidden under the compute-bound
         # main loop, instead of a separate read-modify-write pass over y afterwards.
@@ -91,7 +93,8 @@ class LoraLinearFunction(torch.autograd.Function):
         if need_a:
             grad_a = torch.mm(gB.t(), x2).mul_(s).to(ctx.adapter_dtypes[0])
         if need_x:
-            if EXPAND_FIRST:  # as in forward: the rank-r term first, the big GEMM on top
+            # as in forward: the rank-r term first, the big GEMM on top
+            if EXPAND_FIRST and x2.shape[0] > triton_lora.SMALL_M:
                 grad_x = torch.mm(gB, Ac) if s == 1.0 else torch.mm(gB * s, Ac)
                 grad_x.addmm_(g, weight)
             else:

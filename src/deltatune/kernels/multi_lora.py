@@ -205,9 +205,10 @@ class AdapterBank:
         As, Bs, cache = self._prepare(names, As, Bs, scales, x, keys)
         if not cache or not triton_lora.supports(x, weight, max(A.shape[0] for A in As)):
             return None
-        if "padded" not in self._layouts:
-            self._layouts["padded"] = stack_padded(As, Bs, scales, x.dtype)
-        a_stack, b_stack = self._layouts["padded"]
+        if "bgmv" not in self._layouts:
+            a_stack, b_stack = stack_padded(As, Bs, scales, x.dtype)
+            self._layouts["bgmv"] = (a_stack, triton_lora.expand_layout(b_stack))
+        a_stack, b_stack = self._layouts["bgmv"]
         rows = tuple(row_adapter)
         if len(self._rows) > 64:
             self._rows.clear()
