@@ -132,15 +132,19 @@ def lora_mm_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, h_ptr, idx_ptr, y_ptr,
                         ready = tl.atomic_add(cnt_ptr + 1, 0, sem="acquire")
                     tl.debug_barrier()
                 entry = tl.load(idx_ptr + rm, mask=mask_m, other=0)
-                for j in range(0, R):
-                    hj = tl.zeros((BLOCK_M,), dtype=tl.float32)
-                    for s in range(H_SPLIT):
-                        hj += tl.load(h_ptr + s * s_hs + rm * s_hm + j, mask=mask_m,
-                                      other=0.0, cache_modifier=".cg")
-                    bj = tl.load(b_ptr + entry[:, None] * s_be + rn[None, :] * s_bn
-                                 + j * s_br, mask=mask_m[:, None] & mask_n[None, :],
-                                 other=0.0)
-                    acc += hj[:, None] * bj.to(tl.float32)
+                # four rank indices per step, unrolled, so their gathers are in flight
+                for j0 in range(0, R, 4):
+                    for jj in tl.static_range(4):
+                        j = j0 + jj
+                        row_ok = mask_m & (j < R)
+                        hj = tl.zeros((BLOCK_M,), dtype=tl.float32)
+                        for s in range(H_SPLIT):
+                            hj += tl.load(h_ptr + s * s_hs + rm * s_hm + j, mask=row_ok,
+                                          other=0.0, cache_modifier=".cg")
+                        bj = tl.load(b_ptr + entry[:, None] * s_be + rn[None, :] * s_bn
+                                     + j * s_br, mask=row_ok[:, None] & mask_n[None, :],
+                                     other=0.0)
+                        acc += hj[:, None] * bj.to(tl.float32)
                 if FUSED_SHRINK:
                     tl.debug_barrier()
                     done = tl.atomic_add(cnt_ptr + 2, 1, sem="acq_rel")
