@@ -260,7 +260,9 @@ def triton_checks(expect) -> None:
     from deltatune.kernels.multi_lora import stack_padded
 
     d = dev()
-    if not tlr.available(torch.empty(0, device=d)):
+    with tlr.for_graphs():
+        usable = tlr.available(torch.empty(0, device=d))
+    if not usable:
         log("  check triton kernels: skipped (triton unavailable on this device)")
         return
     for dtype, limit in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):

@@ -48,9 +48,28 @@ def test_kernels_in_the_cpu_interpreter():
 
 
 @pytest.fixture
-def dev():
-    """The device the kernels run on: CUDA, else the CPU through Triton's interpreter."""
+def dev(monkeypatch):
+    """The device the kernels run on: CUDA, else the CPU through Triton's interpreter.
+
+    The kernels are taken everywhere (not only under GraphDecoder), BGMV included.
+    """
+    monkeypatch.setenv("DELTATUNE_TRITON", "always")
+    monkeypatch.setenv("DELTATUNE_TRITON_BGMV", "1")
     return torch.device("cuda" if CUDA else "cpu")
+
+
+def test_kernels_only_under_graph_decoding_by_default(monkeypatch):
+    monkeypatch.delenv("DELTATUNE_TRITON", raising=False)
+    x = torch.zeros(2, 4, device="cuda" if CUDA else "cpu")
+    if not CUDA and not INTERPRETED:
+        assert not triton_lora.available(x)  # CPU tensors never, whatever the scope
+        return
+    assert not triton_lora.available(x)
+    with triton_lora.for_graphs():
+        assert triton_lora.available(x)
+    monkeypatch.setenv("DELTATUNE_TRITON", "0")
+    with triton_lora.for_graphs():
+        assert not triton_lora.available(x)
 
 
 DTYPES = [(torch.float32, 1e-5), (torch.float16, 1e-2)] + (
@@ -172,7 +191,7 @@ def test_model_decode_paths_equal_the_plain_path(dev, monkeypatch):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_kernels_replay_inside_a_cuda_graph():
+def test_kernels_replay_inside_a_cuda_graph(dev):
     d, g = torch.device("cuda"), torch.Generator().manual_seed(9)
     x, W = _rand(g, 4, 512).to(d, torch.bfloat16), _rand(g, 384, 512, std=0.05).to(
         d, torch.bfloat16)

@@ -200,7 +200,8 @@ class AdapterBank:
         total = x.numel() // max(d_in, 1)
         tokens = total // max(x.shape[0], 1)
         if (torch.is_grad_enabled() or x.dim() < 2 or total > triton_lora.SMALL_M
-                or tokens > DECODE_TOKENS or not triton_lora.available(x)):
+                or tokens > DECODE_TOKENS or not triton_lora.bgmv_enabled()
+                or not triton_lora.available(x)):
             return None
         As, Bs, cache = self._prepare(names, As, Bs, scales, x, keys)
         if not cache or not triton_lora.supports(x, weight, max(A.shape[0] for A in As)):

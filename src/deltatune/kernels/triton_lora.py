@@ -27,8 +27,10 @@ cuBLAS/plain path. ``TRITON_INTERPRET=1`` runs the same kernels on the CPU (test
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -77,9 +79,39 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+_GRAPH_SCOPES = 0  # open for_graphs() contexts
+
+
+@contextlib.contextmanager
+def for_graphs() -> Iterator[None]:
+    """Take the Triton kernels inside this context (CUDA-graph decoding: GraphDecoder).
+
+    By default (``DELTATUNE_TRITON=graphs``) the kernels run only here: replayed from a
+    graph they save the extra launches, but in eager mode Triton's Python launcher costs
+    more per call than the launches it saves (decoding eagerly is bound by dispatch).
+    ``DELTATUNE_TRITON=always`` takes them everywhere, ``0`` never.
+    """
+    global _GRAPH_SCOPES
+    _GRAPH_SCOPES += 1
+    try:
+        yield
+    finally:
+        _GRAPH_SCOPES -= 1
+
+
+def bgmv_enabled() -> bool:
+    """True when mixed-adapter batches take :func:`bgmv_matmul` (``DELTATUNE_TRITON_BGMV=1``).
+
+    Off by default: on an H200 the cuBLAS concatenated path of
+    :mod:`deltatune.kernels.multi_lora` was faster at most Llama shapes (docs/performance.md).
+    """
+    return os.environ.get("DELTATUNE_TRITON_BGMV", "0") == "1"
+
+
 def available(x: torch.Tensor | None = None) -> bool:
-    """True when the Triton kernels can run (on ``x``'s device, when given)."""
-    if os.environ.get("DELTATUNE_TRITON", "1") == "0":
+    """True when the Triton kernels can run now (on ``x``'s device, when given)."""
+    mode = os.environ.get("DELTATUNE_TRITON", "graphs")
+    if mode in ("0", "off", "never") or (mode != "always" and not _GRAPH_SCOPES):
         return False
     if x is not None and not (x.is_cuda or interpreted()):
         return False
@@ -306,6 +338,7 @@ def bgmv_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return y
 
 
-__all__ = ["MAX_RANK", "SMALL_M", "available", "bgmv_matmul", "expand_layout", "interpreted",
+__all__ = ["MAX_RANK", "SMALL_M", "available", "bgmv_enabled", "bgmv_matmul", "expand_layout",
+           "for_graphs", "interpreted",
            "lora_matmul",
            "set_config_override", "supports"]
