@@ -113,14 +113,17 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """Return x W^T + b + s (x A^T) B^T through :class:`LoraLinearFunction`.
 
     Without autograd recording (inference) the Function is skipped: same kernels, less
-    Python per call, which is what decoding one token at a time is bound by. There, up to
+    Python per call, which is what decoding one token at a time is bound by. There, under
+    CUDA-graph decoding (:class:`~deltatune.kernels.graph_decode.GraphDecoder`), up to
     :data:`~deltatune.kernels.triton_lora.SMALL_M` rows on CUDA take one Triton kernel
-    that computes the whole sum (:func:`~deltatune.kernels.triton_lora.lora_matmul`).
+    that computes the whole sum (:func:`~deltatune.kernels.triton_lora.lora_matmul`)
+    where it measured faster (:func:`~deltatune.kernels.triton_lora.pays`).
     """
     if not torch.is_grad_enabled() or not any(
             t is not None and t.requires_grad for t in (x, weight, bias, A, B)):
         rows = x.numel() // max(x.shape[-1], 1)
-        if rows <= triton_lora.SMALL_M and triton_lora.supports(x, weight, A.shape[0]):
+        if triton_lora.pays(rows, weight.shape[0]) and triton_lora.supports(
+                x, weight, A.shape[0]):
             y, _ = triton_lora.lora_matmul(x.reshape(rows, x.shape[-1]), weight, bias, A, B,
                                            float(scale))
             return y.view(*x.shape[:-1], weight.shape[0])

@@ -118,6 +118,17 @@ def available(x: torch.Tensor | None = None) -> bool:
     return _triton() is not None
 
 
+def pays(rows: int, d_out: int) -> bool:
+    """True where :func:`lora_matmul` measured faster than the three cuBLAS launches.
+
+    On an H200 (bench/results/gpu_lora-20261201-130823.json) the fused kernel beat them
+    at every 1B shape up to 64 rows and at 8B's down projection (14336 -> 4096), but not
+    at 8B's 4096 -> 14336 gate/up projections (52 vs 41 us at one row): above 8192
+    outputs cuBLAS's GEMV streams W faster than these tiles.
+    """
+    return rows <= SMALL_M and d_out <= 8192
+
+
 def supports(x: torch.Tensor, weight: torch.Tensor, rank: int) -> bool:
     """True when :func:`lora_matmul` handles this input (dtype, rank, device)."""
     # the CPU interpreter mis-reads bfloat16 (numpy has no such type): fp32/fp16 only there
@@ -339,6 +350,6 @@ def bgmv_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 __all__ = ["MAX_RANK", "SMALL_M", "available", "bgmv_enabled", "bgmv_matmul", "expand_layout",
-           "for_graphs", "interpreted",
+           "for_graphs", "interpreted", "pays",
            "lora_matmul",
            "set_config_override", "supports"]
