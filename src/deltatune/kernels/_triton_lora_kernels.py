@@ -95,6 +95,14 @@ def lora_mm_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, h_ptr, idx_ptr, y_ptr,
         a_ptrs = a_ptr + (k_lo + rk)[:, None] * s_ak + rr[None, :] * s_ar
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        if MODE == 2:
+            # Each row's own B tile (rows x rank x columns), requested before the K loop so
+            # the gathers are in flight while W streams (only the programs that expand).
+            entry = tl.load(idx_ptr + rm, mask=mask_m, other=0)
+            b3 = tl.load(b_ptr + entry[:, None, None] * s_be + rr[None, :, None] * s_br
+                         + rn[None, None, :] * s_bn,
+                         mask=(mask_m[:, None, None] & mask_r[None, :, None])
+                         & (mask_n[None, None, :] & (pid_k == 0)), other=0.0)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             mask_k = rk < k_hi - k0
             xt = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
@@ -131,20 +139,12 @@ def lora_mm_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, h_ptr, idx_ptr, y_ptr,
                     while ready < n_shrink:
                         ready = tl.atomic_add(cnt_ptr + 1, 0, sem="acquire")
                     tl.debug_barrier()
-                entry = tl.load(idx_ptr + rm, mask=mask_m, other=0)
-                # four rank indices per step, unrolled, so their gathers are in flight
-                for j0 in range(0, R, 4):
-                    for jj in tl.static_range(4):
-                        j = j0 + jj
-                        row_ok = mask_m & (j < R)
-                        hj = tl.zeros((BLOCK_M,), dtype=tl.float32)
-                        for s in range(H_SPLIT):
-                            hj += tl.load(h_ptr + s * s_hs + rm * s_hm + j, mask=row_ok,
-                                          other=0.0, cache_modifier=".cg")
-                        bj = tl.load(b_ptr + entry[:, None] * s_be + rn[None, :] * s_bn
-                                     + j * s_br, mask=row_ok[:, None] & mask_n[None, :],
-                                     other=0.0)
-                        acc += hj[:, None] * bj.to(tl.float32)
+                hg = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+                for s in range(H_SPLIT):
+                    hg += tl.load(h_ptr + s * s_hs + rm[:, None] * s_hm + rr[None, :],
+                                  mask=mask_m[:, None] & mask_r[None, :], other=0.0,
+                                  cache_modifier=".cg")
+                acc += tl.sum(hg[:, :, None] * b3.to(tl.float32), axis=1)
                 if FUSED_SHRINK:
                     tl.debug_barrier()
                     done = tl.atomic_add(cnt_ptr + 2, 1, sem="acq_rel")

@@ -236,7 +236,8 @@ def _launch(x, weight, bias, a, b, h, idx, y, M, N, K, r, scale, a_strides, b_st
     triton, _, kernels = _triton()
     cfg = dict(_OVERRIDE or _config(M, N, K))
     if mode == 2 and not _OVERRIDE and not interpreted():
-        cfg["BLOCK_M"] = 16  # the per-row B gathers: less serial epilogue per program
+        # each program holds its rows' B tiles (16 x r x 64) in registers: 8 warps
+        cfg["BLOCK_M"], cfg["num_warps"] = 16, 8
     cfg["BLOCK_R"] = max(16, _next_pow2(r))
     tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
     cnt = None
