@@ -10,6 +10,9 @@ Sections (each optional):
            step time, tokens/s, MFU (4N + attention per token), peak memory, with and
            without gradient checkpointing; peft default (fp32 adapters), peft with bf16
            adapters, deltatune plain path, deltatune fast path (+ fused CE), full FT;
+  --kernels  decode-sized LoRA linears in CUDA graphs: cuBLAS merged vs cuBLAS LoRA vs the
+           Triton kernels (single adapter and 32-adapter BGMV); --sweep tries tile configs;
+  --large-m N  the same at N rows (prefill/training shape 4096 -> 14336);
   --infer  prefill and decode (batch 1 and 32) for base, merged, unmerged, 4 and 32
            adapters mixed in one batch, for deltatune and peft.
 Writes bench/results/gpu_lora-<time>.json (and $OUT/ when set) and prints ratios last.
@@ -30,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
@@ -42,7 +46,7 @@ from deltatune.kernels.fused_ce import (
     linear_cross_entropy_reference,
 )
 from deltatune.kernels.lora_linear import lora_linear, lora_linear_reference
-from deltatune.kernels.multi_lora import AdapterBank, multi_lora_reference
+from deltatune.kernels.multi_lora import AdapterBank, multi_lora_concat, multi_lora_reference
 
 PEAK_TFLOPS = 989.0  # H100/H200 SXM dense bf16 datasheet figure, the MFU denominator
 SHAPES = {
@@ -219,6 +223,8 @@ def check() -> None:
                                       yy.clone())
             expect(f"multi-lora {tag} tokens={tokens} vs float64", rel(got, ref_m), limit)
 
+    triton_checks(expect)
+
     # Whole model, fast path vs plain path vs peft with the same weights (float32).
     model = build("tiny", torch.float32)
     ids = torch.randint(3, 512, (2, 64), device=d)
@@ -248,6 +254,224 @@ def check() -> None:
         raise SystemExit(f"correctness checks failed: {failures}")
 
 
+def triton_checks(expect) -> None:
+    """The Triton kernels (kernels/triton_lora.py) against float64, fp32 and bf16."""
+    from deltatune.kernels import triton_lora as tlr
+    from deltatune.kernels.multi_lora import stack_padded
+
+    d = dev()
+    with tlr.for_graphs():
+        usable = tlr.available(torch.empty(0, device=d))
+    if not usable:
+        log("  check triton kernels: skipped (triton unavailable on this device)")
+        return
+    for dtype, limit in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        tag = str(dtype).split(".")[1]
+        g = torch.Generator(device="cpu").manual_seed(11)
+
+        def rn(*shape, std=1.0, g=g, dtype=dtype):
+            return (torch.randn(*shape, generator=g) * std).to(d, dtype)
+
+        for M, K, N, r in ((1, 2048, 512, 16), (5, 300, 777, 8), (37, 1024, 2048, 16),
+                           (64, 512, 640, 32), (300, 512, 768, 16)):
+            x, W, b = rn(M, K), rn(N, K, std=0.05), rn(N)
+            A, B = rn(r, K, std=0.1), rn(N, r, std=0.1)
+            ref = lora_linear_reference(*(t.double() for t in (x, W, b, A, B)), 2.0)
+            out = torch.full((M, N), float("nan"), device=d, dtype=dtype)  # poisoned
+            y, h = tlr.lora_matmul(x, W, b, A, B, 2.0, store_h=True, out=out)
+            expect(f"triton lora_matmul {tag} M={M} K={K} N={N} r={r}", rel(y, ref), limit)
+            expect(f"triton lora_matmul {tag} M={M} stored h",
+                   rel(h, x.double() @ A.double().t()), limit)
+            y2, _ = tlr.lora_matmul(x, W, None, A, B, 2.0, h=(x.double() @ A.double().t()).to(
+                dtype))
+            expect(f"triton lora_matmul {tag} M={M} given h", rel(y2, ref - b.double()), limit)
+            Wt = rn(K, N, std=0.05)  # transposed (strided) weight: the input-gradient form
+            y3, _ = tlr.lora_matmul(x, Wt.t(), None, A, B, 2.0)
+            expect(f"triton lora_matmul {tag} M={M} strided weight", rel(y3, lora_linear_reference(
+                x.double(), Wt.t().double(), None, A.double(), B.double(), 2.0)), limit)
+        for M, K, N in ((1, 2048, 512), (8, 640, 384), (32, 2048, 2048), (64, 1024, 256)):
+            ranks = (4, 16, 8, 16)
+            As = [rn(r_, K, std=0.1) for r_ in ranks]
+            Bs = [rn(N, r_, std=0.1) for r_ in ranks]
+            scales = [1.0, 2.0, 0.5, 1.5]
+            rows = [(i * 7) % 5 - 1 for i in range(M)]  # -1 = base rows, mixed in
+            x, W, b = rn(M, K), rn(N, K, std=0.05), rn(N)
+            a_st, b_st = stack_padded(As, Bs, scales, dtype)
+            idx = torch.tensor([k if k >= 0 else len(As) for k in rows], device=d,
+                               dtype=torch.int32)
+            y = tlr.bgmv_matmul(x, W, b, a_st, b_st, idx)
+            base = F.linear(x.double(), W.double(), b.double())
+            ref = multi_lora_reference(x.double(), base, rows, [a.double() for a in As],
+                                       [b_.double() for b_ in Bs], scales)
+            expect(f"triton bgmv {tag} M={M} K={K} N={N}", rel(y, ref), limit)
+        if d.type == "cuda":
+            # captured in a CUDA graph, replayed on new inputs copied into place
+            x, W = rn(4, 1024), rn(512, 1024, std=0.05)
+            A, B = rn(16, 1024, std=0.1), rn(512, 16, std=0.1)
+            tlr.lora_matmul(x, W, None, A, B, 2.0)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                yg, _ = tlr.lora_matmul(x, W, None, A, B, 2.0)
+            x.copy_(rn(4, 1024))
+            graph.replay()
+            torch.cuda.synchronize()
+            ref = lora_linear_reference(*(t.double() for t in (x, W)), None, A.double(),
+                                        B.double(), 2.0)
+            expect(f"triton lora_matmul {tag} CUDA graph replay", rel(yg, ref), limit)
+
+
+# --------------------------------------------------------------------------- kernels
+def _graph_time(calls, reps: int = 20) -> float:
+    """Seconds per call of a captured sequence of ``calls`` (one CUDA graph), median."""
+    for c in calls:
+        c()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / len(calls))
+    return statistics.median(times)
+
+
+SWEEP = [(bn, bk, sk, 4, 3) for bn in (16, 32, 64) for bk in (128, 256) for sk in (1, 2, 4, 8)]
+
+
+def kernel_bench(sweep: bool) -> None:
+    """Decode-sized LoRA linears, each sequence captured in a CUDA graph: cuBLAS merged
+    GEMV (the target), the cuBLAS LoRA path (3 kernels), the fused Triton kernel, and
+    for 32 adapters in a batch of 32 the current concat path vs the Triton BGMV."""
+    from deltatune.kernels import triton_lora as tlr
+    from deltatune.kernels.lora_linear import _fused_forward
+    from deltatune.kernels.multi_lora import concat_mask, stack_concat, stack_padded
+
+    d, dtype, r = dev(), torch.bfloat16, 16
+    shapes = [(2048, 2048), (2048, 512), (2048, 8192), (8192, 2048), (4096, 14336),
+              (14336, 4096)]
+
+    def record(name, K, N, M, sec, **extra):
+        RESULTS["rows"].append(dict(section="kernels", name=name, K=K, N=N, M=M,
+                                    seconds=sec, **extra))
+
+    with torch.no_grad():
+        for K, N in shapes:
+            sets = max(2, math.ceil(160e6 / (N * K * 2)))  # more bytes than the L2 holds
+            Ws = [torch.randn(N, K, device=d, dtype=dtype) * 0.02 for _ in range(sets)]
+            As = [torch.randn(r, K, device=d, dtype=dtype) * 0.02 for _ in range(sets)]
+            Bs = [torch.randn(N, r, device=d, dtype=dtype) * 0.02 for _ in range(sets)]
+            for M in (1, 16, 32, 64):
+                x = torch.randn(M, K, device=d, dtype=dtype)
+                t = {}
+                t["merged (cuBLAS)"] = _graph_time([lambda W=W, x=x: F.linear(x, W) for W in Ws])
+                t["lora cuBLAS 3 kernels"] = _graph_time(
+                    [lambda W=W, A=A, B=B, x=x: _fused_forward(x, W, None, A, B, 2.0)
+                     for W, A, B in zip(Ws, As, Bs)])
+                t["lora triton fused"] = _graph_time(
+                    [lambda W=W, A=A, B=B, x=x: tlr.lora_matmul(x, W, None, A, B, 2.0)
+                     for W, A, B in zip(Ws, As, Bs)])
+                if sweep and M in (1, 32):
+                    best = (math.inf, None)
+                    for bn, bk, sk, nw, ns in SWEEP:
+                        if K // sk < bk:
+                            continue
+                        cfg = dict(BLOCK_M=16 if M <= 16 else 32, BLOCK_N=bn, BLOCK_K=bk,
+                                   GROUP_M=1, SPLIT_K=sk, num_warps=nw, num_stages=ns)
+                        tlr.set_config_override(cfg)
+                        try:
+                            sec = _graph_time(
+                                [lambda W=W, A=A, B=B, x=x: tlr.lora_matmul(x, W, None, A, B, 2.0)
+                                 for W, A, B in zip(Ws, As, Bs)], 10)
+                        except Exception as e:  # e.g. out of shared memory
+                            sec = math.nan
+                            log(f"    config {cfg} failed: {type(e).__name__}")
+                        finally:
+                            tlr.set_config_override(None)
+                        record("sweep", K, N, M, sec, config=[bn, bk, sk, nw, ns])
+                        if sec < best[0]:
+                            best = (sec, [bn, bk, sk, nw, ns])
+                    t["lora triton best of sweep"] = best[0]
+                    record("sweep best", K, N, M, best[0], config=best[1])
+                if M == 32:
+                    n_ad = 32
+                    Am = [torch.randn(r, K, device=d, dtype=dtype) * 0.02 for _ in range(n_ad)]
+                    Bm = [torch.randn(N, r, device=d, dtype=dtype) * 0.02 for _ in range(n_ad)]
+                    a_cat, b_cat, offs = stack_concat(Am, Bm, [2.0] * n_ad, dtype)
+                    mask = concat_mask(list(range(32)), offs, dtype, d)
+                    a_st, b_st = stack_padded(Am, Bm, [2.0] * n_ad, dtype)
+                    b_st = tlr.expand_layout(b_st)
+                    idx = torch.arange(32, device=d, dtype=torch.int32)
+                    x3 = x.view(32, 1, K)
+                    t["mixed-32 cuBLAS concat"] = _graph_time(
+                        [lambda W=W, x3=x3, m=mask, a=a_cat, b=b_cat: multi_lora_concat(
+                            x3, F.linear(x3, W), m, a, b)
+                         for W in Ws])
+                    t["mixed-32 triton bgmv 2 launches"] = _graph_time(
+                        [lambda W=W, x=x, a=a_st, b=b_st, i=idx:
+                         tlr.bgmv_matmul(x, W, None, a, b, i, fused=False)
+                         for W in Ws])
+                    t["mixed-32 triton bgmv fused"] = _graph_time(
+                        [lambda W=W, x=x, a=a_st, b=b_st, i=idx:
+                         tlr.bgmv_matmul(x, W, None, a, b, i)
+                         for W in Ws])
+                base = t["merged (cuBLAS)"]
+                for name, sec in t.items():
+                    record(name, K, N, M, sec, ratio_vs_merged=sec / base)
+                log(f"  kernels K={K:<5} N={N:<5} M={M:<3} " + "  ".join(
+                    f"{n}: {s * 1e6:6.1f}us ({s / base:.2f}x)" for n, s in t.items()))
+            del Ws, As, Bs
+            peak_reset()
+
+
+def large_m_bench(tokens: int) -> None:
+    """One adapted 4096 -> 14336 linear at ``tokens`` rows, forward only: cuBLAS merged,
+    the cuBLAS LoRA path, the Triton kernel computing h per tile (mode 0) and with h
+    computed once beforehand by cuBLAS (mode 1), for a few tile shapes."""
+    from deltatune.kernels import triton_lora as tlr
+    from deltatune.kernels.lora_linear import _fused_forward
+
+    d, dtype, r = dev(), torch.bfloat16, 16
+    K, N = 4096, 14336
+    x = torch.randn(tokens, K, device=d, dtype=dtype)
+    W = torch.randn(N, K, device=d, dtype=dtype) * 0.02
+    A = torch.randn(r, K, device=d, dtype=dtype) * 0.02
+    B = torch.randn(N, r, device=d, dtype=dtype) * 0.02
+    t = {}
+    with torch.no_grad():
+        t["merged (cuBLAS)"] = timeit(lambda: F.linear(x, W), 20, 3)
+        t["lora cuBLAS 3 kernels"] = timeit(lambda: _fused_forward(x, W, None, A, B, 2.0), 20, 3)
+        for cfg in ((128, 128, 64, 8, 3, 8), (128, 256, 64, 8, 3, 8), (128, 256, 64, 8, 4, 8),
+                    (64, 256, 64, 4, 4, 8), (128, 128, 64, 4, 4, 8)):
+            bm, bn, bk, nw, ns, gm = cfg
+            tlr.set_config_override(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm,
+                                         SPLIT_K=1, num_warps=nw, num_stages=ns))
+            try:
+                t[f"triton h-in-loop {cfg}"] = timeit(
+                    lambda: tlr.lora_matmul(x, W, None, A, B, 2.0), 20, 3)
+                t[f"triton h-given {cfg}"] = timeit(
+                    lambda: tlr.lora_matmul(x, W, None, A, B, 2.0, h=x @ A.t()), 20, 3)
+                t[f"triton no-lora {cfg}"] = timeit(
+                    lambda: tlr.lora_matmul(x, W, None, A, B * 0, 2.0, h=x[:, :r]), 20, 3)
+            except Exception as e:
+                log(f"    config {cfg} failed: {type(e).__name__}: {str(e)[:200]}")
+            finally:
+                tlr.set_config_override(None)
+    base = t["merged (cuBLAS)"]
+    for name, sec in t.items():
+        RESULTS["rows"].append(dict(section="large_m", name=name, tokens=tokens, K=K, N=N,
+                                    seconds=sec, ratio_vs_merged=sec / base))
+        log(f"  large-M {name:<44} {sec * 1e3:8.3f} ms  {sec / base:.3f}x merged")
+
+
 # --------------------------------------------------------------------------- layer
 def layer_bench(tokens: int, reps: int) -> None:
     from peft import LoraConfig, inject_adapter_in_model
@@ -273,6 +497,11 @@ def layer_bench(tokens: int, reps: int) -> None:
     rows["frozen"] = timeit(step(lambda: lin(x)), reps)
     rows["deltatune fast"] = timeit(step(lambda: lora_linear(x, lin.weight, None, A, B, 2.0)),
                                     reps)
+    from deltatune.kernels import lora_linear as ll
+    ll.EXPAND_FIRST = False
+    rows["deltatune fast (base GEMM first, then addmm_)"] = timeit(
+        step(lambda: lora_linear(x, lin.weight, None, A, B, 2.0)), reps)
+    ll.EXPAND_FIRST = True
     rows["deltatune plain"] = timeit(
         step(lambda: lora_linear_reference(x, lin.weight, None, A, B, 2.0)), reps)
     for label, fp32 in (("peft default (fp32 adapters)", True), ("peft bf16 adapters", False)):
@@ -474,6 +703,12 @@ def infer_bench(shape: str, prefill_batch: int, prefill_len: int, decode_tokens:
             rowkw = "adapter_names"
         net.eval()
         record(fw, "prefill unmerged", timeit(lambda n=net: prefill(n), reps))
+        if fw == "deltatune":
+            from deltatune.kernels import lora_linear as ll
+            ll.EXPAND_FIRST = False
+            record(fw, "prefill unmerged (base GEMM first)", timeit(lambda n=net: prefill(n),
+                                                                   reps))
+            ll.EXPAND_FIRST = True
         for b in (1, 32):
             record(fw, f"decode b{b} unmerged",
                    timeit(lambda b=b, n=net: decode(n, b), 3, 1) / decode_tokens, True, b)
@@ -712,6 +947,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prefill", default="32x512", help="BATCHxLEN of the prefill batch")
     ap.add_argument("--decode-tokens", type=int, default=16)
     ap.add_argument("--layer-tokens", type=int, default=16384)
+    ap.add_argument("--kernels", action="store_true",
+                    help="decode-sized LoRA linears: cuBLAS vs the Triton kernels (graphs)")
+    ap.add_argument("--sweep", action="store_true", help="with --kernels: tile-config sweep")
+    ap.add_argument("--large-m", type=int, default=0,
+                    help="tokens for the large-M Triton vs cuBLAS forward comparison (0: skip)")
     ap.add_argument("--train-shapes", default=None, help="shapes for --train (default --shapes)")
     args = ap.parse_args(argv)
     RESULTS["environment"] = environment(argv)
@@ -719,6 +959,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.check:
             check()
+        if args.kernels:
+            kernel_bench(args.sweep)
+        if args.large_m:
+            large_m_bench(args.large_m)
         if args.layer:
             layer_bench(args.layer_tokens, args.reps * 2)
         for shape in (args.train_shapes or args.shapes).split(","):

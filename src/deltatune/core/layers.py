@@ -163,6 +163,16 @@ class LayerDelta(nn.Module):
         return None
 
     @classmethod
+    def fast_forward_rows(cls, owner: nn.Module, deltas: dict[str, LayerDelta],
+                          rows: Sequence[str | None], x: torch.Tensor) -> torch.Tensor | None:
+        """Return the whole mixed-batch output (base included) by a fused path, or None.
+
+        Tried before the base layer runs (so a kernel can do both in one pass); None means
+        "run the base layer, then :meth:`post_forward_rows`". Every delta is of this class.
+        """
+        return None
+
+    @classmethod
     def post_forward_rows(cls, owner: nn.Module, deltas: dict[str, LayerDelta],
                           rows: Sequence[str | None], x: torch.Tensor,
                           y: torch.Tensor) -> torch.Tensor | None:
@@ -287,11 +297,15 @@ class DeltaLayer(WrapperModule):
             groups.setdefault(n if n in self.deltas else None, []).append(i)
         deltas = {n: self.deltas[n] for n in groups if n is not None}
         if not any(d.modifies_input for d in deltas.values()):
+            classes = {type(d) for d in deltas.values()}
+            routed = [n if n in deltas else None for n in rows]
+            if len(classes) == 1 and not args and not kwargs:
+                fast = next(iter(classes)).fast_forward_rows(self, deltas, routed, x)
+                if fast is not None:
+                    return fast
             # One base pass for the whole batch; each group adds its own delta.
             y = self.base(x, *args, **kwargs)
-            classes = {type(d) for d in deltas.values()}
             if len(classes) == 1:
-                routed = [n if n in deltas else None for n in rows]
                 fast = classes.pop().post_forward_rows(self, deltas, routed, x, y)
                 if fast is not None:
                     return fast

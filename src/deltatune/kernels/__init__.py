@@ -8,7 +8,10 @@ The fast paths are cuBLAS-shaped reorderings of the same math (see docs/performa
 - :mod:`.multi_lora`: mixed-adapter batches (one adapter per row) in two batched
   matmuls instead of one small group per adapter;
 - :mod:`.fused_ce`: linear + cross-entropy in token chunks that never holds the full
-  logits.
+  logits;
+- :mod:`.triton_lora`: Triton kernels (imported lazily, CUDA only) computing
+  ``x W^T + s (x A^T) B^T`` in one launch for decode-sized batches, and a BGMV variant
+  for one adapter per row; taken under CUDA-graph decoding (:mod:`.graph_decode`).
 
 Which path runs is decided by :func:`fast_path_enabled`: with the default mode
 ``"auto"`` only CUDA tensors take the fast paths, so CPU results stay exactly those of

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from deltatune.core.errors import ConfigError
+from deltatune.kernels import triton_lora
 
 
 class GraphDecoder:
@@ -105,7 +106,13 @@ class GraphDecoder:
         """Return the ``new_tokens`` greedy tokens after ``input_ids`` (batch, new_tokens).
 
         All rows share the prompt length (no padding). The first call captures the graph.
+        Adapted linears take the fused Triton kernels here (on CUDA, with triton), in the
+        eager warm-up that compiles them and in the captured steps alike.
         """
+        with triton_lora.for_graphs():
+            return self._generate(input_ids, new_tokens)
+
+    def _generate(self, input_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
         rows, length = input_ids.shape
         if rows != self.batch or length + new_tokens > self.max_len:
             raise ConfigError(f"prompt of shape {tuple(input_ids.shape)} + {new_tokens} new "

@@ -23,6 +23,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from deltatune.kernels import triton_lora
+
+# see _fused_forward (taken above SMALL_M rows); False: base GEMM first, then addmm_ (the
+# bench compares both)
+EXPAND_FIRST = True
+
 
 def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                           A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
@@ -42,10 +48,20 @@ def _fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     d_in, d_out = weight.shape[1], weight.shape[0]
     x2 = x.reshape(-1, d_in)
     Ac, Bc = A.to(x.dtype), B.to(x.dtype)
-    y = F.linear(x2, weight, bias)
     h = x2 @ Ac.t()
-    # beta=1 accumulation into the fresh base output; the scale rides in alpha.
-    y.addmm_(h, Bc.t(), alpha=scale)
+    if EXPAND_FIRST and x2.shape[0] > triton_lora.SMALL_M:
+        # The rank-r expand writes y first (one pass), then the base GEMM accumulates into
+        # it with beta=1: cuBLAS reads y in its epilogue, hidden under the compute-bound
+        # main loop, instead of a separate read-modify-write pass over y afterwards.
+        if bias is not None:
+            y = torch.addmm(bias, h, Bc.t(), alpha=scale)
+        else:
+            y = torch.mm(h if scale == 1.0 else h * scale, Bc.t())
+        y.addmm_(x2, weight.t())
+    else:
+        y = F.linear(x2, weight, bias)
+        # beta=1 accumulation into the fresh base output; the scale rides in alpha.
+        y.addmm_(h, Bc.t(), alpha=scale)
     return y.view(*x.shape[:-1], d_out), x2, Ac, Bc, h
 
 
@@ -77,8 +93,13 @@ class LoraLinearFunction(torch.autograd.Function):
         if need_a:
             grad_a = torch.mm(gB.t(), x2).mul_(s).to(ctx.adapter_dtypes[0])
         if need_x:
-            grad_x = g @ weight
-            grad_x.addmm_(gB, Ac, alpha=s)
+            # as in forward: the rank-r term first, the big GEMM on top
+            if EXPAND_FIRST and x2.shape[0] > triton_lora.SMALL_M:
+                grad_x = torch.mm(gB, Ac) if s == 1.0 else torch.mm(gB * s, Ac)
+                grad_x.addmm_(g, weight)
+            else:
+                grad_x = g @ weight
+                grad_x.addmm_(gB, Ac, alpha=s)
             grad_x = grad_x.view(*grad_out.shape[:-1], weight.shape[1])
         if need_w:
             grad_w = g.t() @ x2
@@ -92,10 +113,20 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """Return x W^T + b + s (x A^T) B^T through :class:`LoraLinearFunction`.
 
     Without autograd recording (inference) the Function is skipped: same kernels, less
-    Python per call, which is what decoding one token at a time is bound by.
+    Python per call, which is what decoding one token at a time is bound by. There, under
+    CUDA-graph decoding (:class:`~deltatune.kernels.graph_decode.GraphDecoder`), up to
+    :data:`~deltatune.kernels.triton_lora.SMALL_M` rows on CUDA take one Triton kernel
+    that computes the whole sum (:func:`~deltatune.kernels.triton_lora.lora_matmul`)
+    where it measured faster (:func:`~deltatune.kernels.triton_lora.pays`).
     """
     if not torch.is_grad_enabled() or not any(
             t is not None and t.requires_grad for t in (x, weight, bias, A, B)):
+        rows = x.numel() // max(x.shape[-1], 1)
+        if triton_lora.pays(rows, weight.shape[0]) and triton_lora.supports(
+                x, weight, A.shape[0]):
+            y, _ = triton_lora.lora_matmul(x.reshape(rows, x.shape[-1]), weight, bias, A, B,
+                                           float(scale))
+            return y.view(*x.shape[:-1], weight.shape[0])
         return _fused_forward(x, weight, bias, A, B, float(scale))[0]
     return LoraLinearFunction.apply(x, weight, bias, A, B, float(scale))
 

@@ -25,6 +25,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from deltatune.kernels import triton_lora
+
 
 def multi_lora_reference(x: torch.Tensor, y: torch.Tensor, row_adapter: Sequence[int],
                          As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor],
@@ -150,15 +152,8 @@ class AdapterBank:
         ts = self._tensors
         return self._state == ([t._version for t in ts], [t.data_ptr() for t in ts])
 
-    def apply(self, names: Sequence[str], As: Sequence[torch.Tensor],
-              Bs: Sequence[torch.Tensor], scales: Sequence[float],
-              row_adapter: Sequence[int], x: torch.Tensor, y: torch.Tensor,
-              keys: tuple | None = None) -> torch.Tensor:
-        """Return y plus row i's LoRA term through adapter ``row_adapter[i]`` (-1: none).
-
-        ``keys`` identifies the adapter objects (default: the names); As, Bs and scales
-        may be zero-argument callables, evaluated only when the layout is rebuilt.
-        """
+    def _prepare(self, names, As, Bs, scales, x: torch.Tensor, keys) -> tuple:
+        """Return (As, Bs, cache): the adapter tensors and whether layouts may be cached."""
         cache = True
         if torch.is_grad_enabled():
             As, Bs = _value(As), _value(Bs)
@@ -176,7 +171,57 @@ class AdapterBank:
             # Valid cache: the stored tensors are the adapters' (same objects, unchanged).
             n = len(self._tensors) // 2
             As, Bs = self._tensors[:n], self._tensors[n:]
+        return As, Bs, cache
+
+    def apply(self, names: Sequence[str], As: Sequence[torch.Tensor],
+              Bs: Sequence[torch.Tensor], scales: Sequence[float],
+              row_adapter: Sequence[int], x: torch.Tensor, y: torch.Tensor,
+              keys: tuple | None = None) -> torch.Tensor:
+        """Return y plus row i's LoRA term through adapter ``row_adapter[i]`` (-1: none).
+
+        ``keys`` identifies the adapter objects (default: the names); As, Bs and scales
+        may be zero-argument callables, evaluated only when the layout is rebuilt.
+        """
+        As, Bs, cache = self._prepare(names, As, Bs, scales, x, keys)
         return self._apply(As, Bs, scales, tuple(row_adapter), x, y, cache)
+
+    def fused(self, names: Sequence[str], As, Bs, scales: Sequence[float],
+              row_adapter: Sequence[int], x: torch.Tensor, weight: torch.Tensor,
+              bias: torch.Tensor | None, keys: tuple | None = None) -> torch.Tensor | None:
+        """Return x W^T + b plus each row's LoRA term by the Triton BGMV kernels, or None.
+
+        Taken for few tokens (at most :data:`DECODE_TOKENS` per row and
+        :data:`~deltatune.kernels.triton_lora.SMALL_M` in all) outside autograd on a
+        device Triton runs on; None tells the caller to run the base layer and
+        :meth:`apply`. Arguments as for :meth:`apply`, with the base layer's (d_out, d_in)
+        ``weight`` and ``bias`` instead of its output.
+        """
+        d_in = x.shape[-1]
+        total = x.numel() // max(d_in, 1)
+        tokens = total // max(x.shape[0], 1)
+        if (torch.is_grad_enabled() or x.dim() < 2 or total > triton_lora.SMALL_M
+                or tokens > DECODE_TOKENS or not triton_lora.bgmv_enabled()
+                or not triton_lora.available(x)):
+            return None
+        As, Bs, cache = self._prepare(names, As, Bs, scales, x, keys)
+        if not cache or not triton_lora.supports(x, weight, max(A.shape[0] for A in As)):
+            return None
+        if "bgmv" not in self._layouts:
+            a_stack, b_stack = stack_padded(As, Bs, scales, x.dtype)
+            self._layouts["bgmv"] = (a_stack, triton_lora.expand_layout(b_stack))
+        a_stack, b_stack = self._layouts["bgmv"]
+        rows = tuple(row_adapter)
+        if len(self._rows) > 64:
+            self._rows.clear()
+        if ("tokens", rows, tokens) not in self._rows:
+            base_entry = len(As)
+            per_row = [k if k >= 0 else base_entry for k in rows]
+            self._rows["tokens", rows, tokens] = torch.tensor(
+                [k for k in per_row for _ in range(tokens)], dtype=torch.int32,
+                device=x.device)
+        y = triton_lora.bgmv_matmul(x.reshape(total, d_in), weight, bias, a_stack, b_stack,
+                                    self._rows["tokens", rows, tokens])
+        return y.view(*x.shape[:-1], weight.shape[0])
 
     def _apply(self, As, Bs, scales, rows: tuple, x: torch.Tensor, y: torch.Tensor,
                cache: bool) -> torch.Tensor:

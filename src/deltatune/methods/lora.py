@@ -141,6 +141,32 @@ class LoraDelta(LayerDelta):
         return lora_linear(x, weight, base.bias, self.lora_A, self.lora_B, self.scale)
 
     @classmethod
+    def _bank(cls, owner: nn.Module) -> AdapterBank:
+        bank = owner.__dict__.get("_lora_bank")
+        if bank is None:
+            bank = owner.__dict__["_lora_bank"] = AdapterBank()
+        return bank
+
+    @classmethod
+    def fast_forward_rows(cls, owner: nn.Module, deltas: dict[str, LayerDelta],
+                          rows: Sequence[str | None], x: torch.Tensor) -> torch.Tensor | None:
+        """Mixed-adapter batch with the base matmul in the same kernels (Triton BGMV), or None.
+
+        Only for few tokens outside autograd (decoding); see ``AdapterBank.fused``.
+        """
+        loras = list(deltas.values())
+        first = loras[0]
+        base = owner.base
+        if not first._fast_ok(base, x) or first.training:
+            return None
+        weight = base.weight.t() if first.kind == "conv1d" else base.weight
+        position = {n: i for i, n in enumerate(deltas)}
+        return cls._bank(owner).fused(
+            list(deltas), lambda: [d.lora_A for d in loras], lambda: [d.lora_B for d in loras],
+            [d.scale for d in loras], [position[n] if n is not None else -1 for n in rows],
+            x, weight, base.bias, keys=tuple(d.serial for d in loras))
+
+    @classmethod
     def post_forward_rows(cls, owner: nn.Module, deltas: dict[str, LayerDelta],
                           rows: Sequence[str | None], x: torch.Tensor,
                           y: torch.Tensor) -> torch.Tensor | None:
@@ -152,10 +178,7 @@ class LoraDelta(LayerDelta):
                 isinstance(d.dropout, nn.Identity) for d in loras)):
             return None
         position = {n: i for i, n in enumerate(deltas)}
-        bank = owner.__dict__.get("_lora_bank")
-        if bank is None:
-            bank = owner.__dict__["_lora_bank"] = AdapterBank()
-        return bank.apply(
+        return cls._bank(owner).apply(
             list(deltas), lambda: [d.lora_A for d in loras], lambda: [d.lora_B for d in loras],
             [d.scale for d in loras], [position[n] if n is not None else -1 for n in rows],
             x, y, keys=tuple(d.serial for d in loras))

@@ -1,0 +1,175 @@
+"""The Triton kernels behind :mod:`deltatune.kernels.triton_lora` (imported lazily by it).
+
+This module imports triton at the top: import it only through ``triton_lora._triton()``.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def shrink_row(x_ptr, a_ptr, idx_ptr, hws_ptr, m, s, K, R, k_per,
+               s_xm, s_xk, s_ae, s_ar, s_ak, s_hs, s_hm,
+               BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    # row m's partial h over the s-th slice of K through its own adapter, in float32
+    entry = tl.load(idx_ptr + m)
+    rr = tl.arange(0, BLOCK_R)
+    rk = tl.arange(0, BLOCK_K)
+    mask_r = rr < R
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    k_lo = s * k_per
+    k_hi = tl.minimum(k_lo + k_per, K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        kk = k0 + rk
+        mask_k = kk < k_hi
+        xk = tl.load(x_ptr + m * s_xm + kk * s_xk, mask=mask_k, other=0.0)
+        at = tl.load(a_ptr + entry * s_ae + rr[:, None] * s_ar + kk[None, :] * s_ak,
+                     mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+        acc += at.to(tl.float32) * xk.to(tl.float32)[None, :]
+    tl.store(hws_ptr + s * s_hs + m * s_hm + rr, tl.sum(acc, axis=1), mask=mask_r)
+
+
+@triton.jit
+def bgmv_shrink_kernel(x_ptr, a_ptr, idx_ptr, hws_ptr, K, R, k_per,
+                       s_xm, s_xk, s_ae, s_ar, s_ak, s_hs, s_hm,
+                       BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    shrink_row(x_ptr, a_ptr, idx_ptr, hws_ptr, tl.program_id(0), tl.program_id(1), K, R,
+               k_per, s_xm, s_xk, s_ae, s_ar, s_ak, s_hs, s_hm, BLOCK_K, BLOCK_R)
+
+
+@triton.jit
+def lora_mm_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, h_ptr, idx_ptr, y_ptr,
+                   ws_ptr, cnt_ptr,
+                   M, N, K, R, scale, k_split, n_shrink, k_shrink,
+                   s_xm, s_xk, s_wn, s_wk, s_ae, s_ar, s_ak, s_be, s_bn, s_br,
+                   s_hs, s_hm, s_hr, s_ym, s_yn,
+                   MODE: tl.constexpr, STORE_H: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   PREC: tl.constexpr, H_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr,
+                   FUSED_SHRINK: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
+    # MODE 0: h = x A^T in the K loop; 1: h given (M, R); 2: one adapter per row, h as
+    # H_SPLIT partial sums (H_SPLIT, M, R) float32 and B gathered by idx (scale folded
+    # into B). SPLIT_K > 1: each output tile's K range is split over SPLIT_K programs,
+    # which leave float32 partials in ws; the last to finish (counted in cnt) sums them.
+    # FUSED_SHRINK (MODE 2): the first n_shrink programs to start compute the partial h
+    # (rows x H_SPLIT), the others wait for them before their epilogue. Roles go by an
+    # arrival ticket, so producers are always running before anyone waits on them.
+    # cnt: [0] tickets, [1] finished producers, [2] finished h readers, [3:] per tile.
+    # Every counter is back at 0 when the launch ends (CUDA-graph replays reuse it).
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    work = pid
+    if FUSED_SHRINK:
+        work = tl.atomic_add(cnt_ptr, 1, sem="acq_rel")
+        if work == tl.num_programs(0) - 1:
+            tl.atomic_xchg(cnt_ptr, 0)
+        work = work - n_shrink
+    if work < 0:
+        role = work + n_shrink
+        shrink_row(x_ptr, a_ptr, idx_ptr, h_ptr, role // H_SPLIT, role % H_SPLIT, K, R,
+                   k_shrink, s_xm, s_xk, s_ae, s_ar, s_ak, s_hs, s_hm, BLOCK_K, BLOCK_R)
+        tl.debug_barrier()
+        tl.atomic_add(cnt_ptr + 1, 1, sem="release")
+    else:
+        tile = work // SPLIT_K
+        pid_k = work % SPLIT_K
+        # grouped order: GROUP_M row tiles share each W tile while it is in L2
+        per_group = GROUP_M * num_n
+        first_m = (tile // per_group) * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (tile % per_group) % size_m
+        pid_n = (tile % per_group) // size_m
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rr = tl.arange(0, BLOCK_R)
+        rk = tl.arange(0, BLOCK_K)
+        mask_m = rm < M
+        mask_n = rn < N
+        mask_r = rr < R
+        k_lo = pid_k * k_split
+        k_hi = tl.minimum(k_lo + k_split, K)
+        x_ptrs = x_ptr + rm[:, None] * s_xm + (k_lo + rk)[None, :] * s_xk
+        w_ptrs = w_ptr + (k_lo + rk)[:, None] * s_wk + rn[None, :] * s_wn
+        a_ptrs = a_ptr + (k_lo + rk)[:, None] * s_ak + rr[None, :] * s_ar
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        if MODE == 2:
+            # Each row's own B tile (rows x rank x columns), requested before the K loop so
+            # the gathers are in flight while W streams (only the programs that expand).
+            entry = tl.load(idx_ptr + rm, mask=mask_m, other=0)
+            b3 = tl.load(b_ptr + entry[:, None, None] * s_be + rr[None, :, None] * s_br
+                         + rn[None, None, :] * s_bn,
+                         mask=(mask_m[:, None, None] & mask_r[None, :, None])
+                         & (mask_n[None, None, :] & (pid_k == 0)), other=0.0)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            mask_k = rk < k_hi - k0
+            xt = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            wt = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            acc = tl.dot(xt, wt, acc, input_precision=PREC)
+            if MODE == 0:
+                at = tl.load(a_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+                h = tl.dot(xt, at, h, input_precision=PREC)
+                a_ptrs += BLOCK_K * s_ak
+            x_ptrs += BLOCK_K * s_xk
+            w_ptrs += BLOCK_K * s_wk
+        in_ty = x_ptr.dtype.element_ty
+        if MODE == 0:
+            # each K slice adds its own partial h's expand (linear in h)
+            if STORE_H:
+                # one column of programs writes h; the others computed the same values
+                tl.store(h_ptr + rm[:, None] * s_hm + rr[None, :] * s_hr,
+                         h.to(h_ptr.dtype.element_ty),
+                         mask=mask_m[:, None] & mask_r[None, :] & (pid_n == 0))
+            bt = tl.load(b_ptr + rr[:, None] * s_br + rn[None, :] * s_bn,
+                         mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+            acc = tl.dot((h * scale).to(in_ty), bt, acc, input_precision=PREC)
+        elif pid_k == 0:
+            if MODE == 1:
+                hg = tl.load(h_ptr + rm[:, None] * s_hm + rr[None, :] * s_hr,
+                             mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+                bt = tl.load(b_ptr + rr[:, None] * s_br + rn[None, :] * s_bn,
+                             mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+                acc = tl.dot((hg.to(tl.float32) * scale).to(in_ty), bt, acc,
+                             input_precision=PREC)
+            else:
+                if FUSED_SHRINK:
+                    ready = tl.atomic_add(cnt_ptr + 1, 0, sem="acquire")
+                    while ready < n_shrink:
+                        ready = tl.atomic_add(cnt_ptr + 1, 0, sem="acquire")
+                    tl.debug_barrier()
+                hg = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+                for s in range(H_SPLIT):
+                    hg += tl.load(h_ptr + s * s_hs + rm[:, None] * s_hm + rr[None, :],
+                                  mask=mask_m[:, None] & mask_r[None, :], other=0.0,
+                                  cache_modifier=".cg")
+                acc += tl.sum(hg[:, :, None] * b3.to(tl.float32), axis=1)
+                if FUSED_SHRINK:
+                    tl.debug_barrier()
+                    done = tl.atomic_add(cnt_ptr + 2, 1, sem="acq_rel")
+                    if done == num_m * num_n - 1:  # every reader is past the wait
+                        tl.atomic_xchg(cnt_ptr + 1, 0)
+                        tl.atomic_xchg(cnt_ptr + 2, 0)
+        out_mask = mask_m[:, None] & mask_n[None, :]
+        y_ptrs = y_ptr + rm[:, None] * s_ym + rn[None, :] * s_yn
+        if SPLIT_K == 1:
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+        else:
+            ws_tile = ws_ptr + rm[:, None] * N + rn[None, :]
+            tl.store(ws_tile + pid_k * M * N, acc, mask=out_mask)
+            tl.debug_barrier()
+            arrived = tl.atomic_add(cnt_ptr + 3 + tile, 1, sem="acq_rel")
+            if arrived == SPLIT_K - 1:  # the last slice of this tile: sum and store
+                tl.debug_barrier()
+                total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for s in range(SPLIT_K):
+                    total += tl.load(ws_tile + s * M * N, mask=out_mask, other=0.0,
+                                     cache_modifier=".cg")
+                if HAS_BIAS:
+                    total += tl.load(bias_ptr + rn, mask=mask_n,
+                                     other=0.0).to(tl.float32)[None, :]
+                tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=out_mask)
+                tl.atomic_xchg(cnt_ptr + 3 + tile, 0)

@@ -1,0 +1,356 @@
+"""Triton kernels: the LoRA term computed inside the base matmul, in one launch.
+
+Decoding one token runs every adapted linear at batch 1-32, where a matmul is bound by
+latency, not arithmetic: the cuBLAS path (:mod:`.lora_linear`) launches three kernels per
+layer (``x W^T``, ``h = x A^T``, ``y += s h B^T``) and the two small ones cost about as
+much as the base GEMV (docs/performance.md). Here one program per output tile streams
+its tile of ``W`` and, beside it, the (tiny, L2-resident) ``A``, so ``h`` is formed in the
+same K loop, and the expand ``s h B_tile^T`` is added to the accumulator before the single
+store:
+
+- :func:`lora_matmul` (one adapter): ``y = x W^T + b + s (x A^T) B^T``; optionally also
+  writes ``h`` (what a backward pass needs). ``h`` may instead be given (computed once
+  beforehand, for large M where recomputing it per output tile would cost r / BLOCK_N
+  extra arithmetic).
+- :func:`bgmv_matmul` (one adapter per row, Punica's BGMV): a shrink kernel forms each
+  row's ``h = x_m A[idx_m]^T`` once (split over K, partial sums kept apart), then the
+  matmul kernel adds ``h_m B[idx_m]^T`` per row in its epilogue. Two launches whatever
+  the number of adapters, instead of a gather, a mask and three matmuls.
+
+Everything here is inference-side arithmetic with no host synchronisation and no
+allocation that depends on data, so it can be captured in a CUDA graph
+(:mod:`.graph_decode`); Triton compiles on the first call of each configuration, which
+the decoder's eager warm-up steps take before capture. Triton is imported lazily:
+:func:`available` is False without it (CPU-only installs), and callers keep the
+cuBLAS/plain path. ``TRITON_INTERPRET=1`` runs the same kernels on the CPU (tests).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Iterator
+
+import torch
+
+SMALL_M = 64  # up to this many rows (tokens) the fused kernels replace the cuBLAS path
+MAX_RANK = 64  # larger ranks keep the cuBLAS path (register and shared-memory budget)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@functools.lru_cache(maxsize=1)
+def _triton():
+    """Return (triton, kernel module, kernels) or None when triton cannot be imported."""
+    try:
+        import triton
+
+        if interpreted():
+            _patch_interpreter()
+        from deltatune.kernels import _triton_lora_kernels as k
+    except Exception:  # no triton, or a broken install: the cuBLAS path stays
+        return None
+    return triton, k, {"lora_mm": k.lora_mm_kernel, "bgmv_shrink": k.bgmv_shrink_kernel}
+
+
+def _patch_interpreter() -> None:
+    """Let Triton's CPU interpreter read scalar arguments under numpy >= 2.3.
+
+    The interpreter keeps every scalar as a 1-element array and converts it with
+    ``int(array)``, which recent numpy refuses for arrays of one dimension (a loop bound
+    taken from an argument then fails); read the single element instead.
+    """
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "deltatune", False):
+        return
+
+    def patched(tensor, scope) -> None:
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched.deltatune = True
+    interpreter._patch_lang_tensor = patched
+
+
+def interpreted() -> bool:
+    """True when Triton runs its kernels in the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+_GRAPH_SCOPES = 0  # open for_graphs() contexts
+
+
+@contextlib.contextmanager
+def for_graphs() -> Iterator[None]:
+    """Take the Triton kernels inside this context (CUDA-graph decoding: GraphDecoder).
+
+    By default (``DELTATUNE_TRITON=graphs``) the kernels run only here: replayed from a
+    graph they save the extra launches, but in eager mode Triton's Python launcher costs
+    more per call than the launches it saves (decoding eagerly is bound by dispatch).
+    ``DELTATUNE_TRITON=always`` takes them everywhere, ``0`` never.
+    """
+    global _GRAPH_SCOPES
+    _GRAPH_SCOPES += 1
+    try:
+        yield
+    finally:
+        _GRAPH_SCOPES -= 1
+
+
+def bgmv_enabled() -> bool:
+    """True when mixed-adapter batches take :func:`bgmv_matmul` (``DELTATUNE_TRITON_BGMV=1``).
+
+    Off by default: on an H200 the cuBLAS concatenated path of
+    :mod:`deltatune.kernels.multi_lora` was faster at most Llama shapes (docs/performance.md).
+    """
+    return os.environ.get("DELTATUNE_TRITON_BGMV", "0") == "1"
+
+
+def available(x: torch.Tensor | None = None) -> bool:
+    """True when the Triton kernels can run now (on ``x``'s device, when given)."""
+    mode = os.environ.get("DELTATUNE_TRITON", "graphs")
+    if mode in ("0", "off", "never") or (mode != "always" and not _GRAPH_SCOPES):
+        return False
+    if x is not None and not (x.is_cuda or interpreted()):
+        return False
+    return _triton() is not None
+
+
+def pays(rows: int, d_out: int) -> bool:
+    """True where :func:`lora_matmul` measured faster than the three cuBLAS launches.
+
+    On an H200 (bench/results/gpu_lora-20261201-130823.json) the fused kernel beat them
+    at every 1B shape up to 64 rows and at 8B's down projection (14336 -> 4096), but not
+    at 8B's 4096 -> 14336 gate/up projections (52 vs 41 us at one row): above 8192
+    outputs cuBLAS's GEMV streams W faster than these tiles.
+    """
+    return rows <= SMALL_M and d_out <= 8192
+
+
+def supports(x: torch.Tensor, weight: torch.Tensor, rank: int) -> bool:
+    """True when :func:`lora_matmul` handles this input (dtype, rank, device)."""
+    # the CPU interpreter mis-reads bfloat16 (numpy has no such type): fp32/fp16 only there
+    dtypes = _DTYPES[::2] if interpreted() and not x.is_cuda else _DTYPES
+    return (x.dtype in dtypes and weight.dtype == x.dtype and 0 < rank <= MAX_RANK
+            and available(x))
+
+
+def _precision(x: torch.Tensor) -> str | None:
+    """tl.dot input precision: exact float32 products for float32 (no TF32), else default."""
+    return "ieee" if x.dtype == torch.float32 else None
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+PROGRAMS = 512  # aim for about this many programs in a small-M launch (132 SMs, ~4 each)
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_COUNTER_SLOTS = 1 << 16
+
+
+def _pow2_at_most(n: int) -> int:
+    p = 1
+    while p * 2 <= n:
+        p *= 2
+    return p
+
+
+def _config(M: int, N: int, K: int) -> dict:
+    """Tile sizes for an (M x K) @ (K x N) problem: enough programs to cover the SMs.
+
+    Small M (decode) is bound by streaming W with enough bytes in flight: narrow N tiles,
+    and K split over SPLIT_K programs per tile until about :data:`PROGRAMS` programs
+    stream their slices; large M uses the usual compute-bound tiles.
+    """
+    if interpreted():  # the CPU interpreter: small tiles keep it quick
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, SPLIT_K=2, num_warps=4,
+                    num_stages=1)
+    if M <= SMALL_M:
+        # Measured on an H200 (bench/gpu_lora.py --kernels --sweep, 1B and 8B shapes):
+        # 64-wide N tiles (fewer re-reads of A per output column) with K split until
+        # there are at least 256 programs and no slice is longer than 4096 were within
+        # ~10% of the best of 24 configurations at every wide shape.
+        block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
+        if N <= 1024:  # narrow outputs (k/v projections): narrow tiles, K in 4
+            block_n, block_k, split = 16, 256, 4
+        else:
+            block_n, block_k = 64, 128
+            tiles = -(-M // block_m) * -(-N // block_n)
+            split = 1
+            while split * tiles < 256:
+                split *= 2
+            if K // split > 4096:
+                split *= 2
+        split = max(1, min(split, _pow2_at_most(max(K // block_k, 1))))
+        return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=1,
+                    SPLIT_K=split, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SPLIT_K=1, num_warps=8,
+                num_stages=3)
+
+
+_OVERRIDE: dict | None = None  # set by the bench's config sweep
+
+
+def set_config_override(cfg: dict | None) -> None:
+    """Force the tile configuration of the kernels (the bench's sweep); None resets."""
+    global _OVERRIDE
+    _OVERRIDE = cfg
+
+
+def _counters(device: torch.device) -> torch.Tensor | None:
+    """The device's zeroed int32 semaphores (each launch leaves them zero), or None.
+
+    Allocated on first use outside graph capture (memory taken inside a capture belongs
+    to that graph's pool); None while capturing before any exists.
+    """
+    cnt = _COUNTERS.get(device)
+    if cnt is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        cnt = _COUNTERS[device] = torch.zeros(_COUNTER_SLOTS, dtype=torch.int32,
+                                              device=device)
+    return cnt
+
+
+_DUMMIES: dict[torch.device, torch.Tensor] = {}
+
+
+def _index_dummy(device: torch.device) -> torch.Tensor:
+    """An int32 tensor standing for the row index where there is none (never read: the
+    kernel's BGMV branches only run in mode 2, but every branch must type-check)."""
+    t = _DUMMIES.get(device)
+    if t is None:
+        t = torch.zeros(1, dtype=torch.int32, device=device)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _DUMMIES[device] = t
+    return t
+
+
+def _launch(x, weight, bias, a, b, h, idx, y, M, N, K, r, scale, a_strides, b_strides,
+            h_strides, mode: int, store_h: bool, h_split: int = 1, n_shrink: int = 0,
+            k_shrink: int = 0, fused_shrink: bool = False) -> None:
+    """Launch the matmul kernel with this problem's configuration (split-K when it pays)."""
+    triton, _, kernels = _triton()
+    cfg = dict(_OVERRIDE or _config(M, N, K))
+    if mode == 2 and not _OVERRIDE and not interpreted():
+        # each program holds its rows' B tiles (16 x r x 64) in registers: 8 warps
+        cfg["BLOCK_M"], cfg["num_warps"] = 16, 8
+    cfg["BLOCK_R"] = max(16, _next_pow2(r))
+    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+    cnt = None
+    if cfg["SPLIT_K"] > 1 or fused_shrink:
+        cnt = _counters(x.device)
+        if cnt is None or tiles + 3 > _COUNTER_SLOTS or store_h:
+            cfg["SPLIT_K"], cnt = 1, None
+    if fused_shrink and cnt is None:
+        raise RuntimeError("fused shrink needs the semaphores (first call inside a capture)")
+    split = cfg["SPLIT_K"]
+    k_split = triton.cdiv(triton.cdiv(K, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+    ws = torch.empty((split, M, N), device=x.device, dtype=torch.float32) if split > 1 else y
+    grid = (tiles * split + (n_shrink if fused_shrink else 0),)
+    kernels["lora_mm"][grid](
+        x, weight, bias if bias is not None else x, a, b, h if h is not None else x,
+        idx if idx is not None else _index_dummy(x.device), y, ws,
+        cnt if cnt is not None else x,
+        M, N, K, r, float(scale), k_split, n_shrink if fused_shrink else 0, k_shrink,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), *a_strides, *b_strides,
+        *h_strides, y.stride(0), y.stride(1),
+        MODE=mode, STORE_H=store_h, HAS_BIAS=bias is not None, PREC=_precision(x),
+        H_SPLIT=h_split, FUSED_SHRINK=fused_shrink, **cfg)
+
+
+def lora_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                A: torch.Tensor, B: torch.Tensor, scale: float, *,
+                h: torch.Tensor | None = None, store_h: bool = False,
+                out: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Return (x W^T + b + s (x A^T) B^T, h) for 2-D ``x`` (M, K), in one kernel launch.
+
+    ``weight`` (N, K), ``A`` (r, K) and ``B`` (N, r) may be any strided views (a
+    transposed weight serves the input gradient). With ``h`` given (M, r), it is used
+    instead of ``x A^T`` (A is then not read). With ``store_h`` the returned h is
+    ``x A^T`` in float32 (M, r); otherwise the second item is None. Float32 inputs use
+    exact float32 products (no TF32).
+    """
+    assert _triton() is not None, "triton is not available"
+    M, K = x.shape
+    N, r = weight.shape[0], A.shape[0]
+    if A.dtype != x.dtype:
+        A = A.to(x.dtype)
+    if B.dtype != x.dtype:
+        B = B.to(x.dtype)
+    y = out if out is not None else torch.empty((M, N), device=x.device, dtype=x.dtype)
+    h_out = None
+    if store_h and h is None:
+        h_out = torch.empty((M, r), device=x.device, dtype=torch.float32)
+    h_arg = h if h is not None else h_out
+    hs = h_arg.stride() if h_arg is not None else (0, 0)
+    _launch(x, weight, bias, A, B, h_arg, None, y, M, N, K, r, scale,
+            (0, A.stride(0), A.stride(1)), (0, B.stride(0), B.stride(1)), (0, hs[0], hs[1]),
+            mode=1 if h is not None else 0, store_h=h_out is not None)
+    return y, h_out
+
+
+def _shrink_split(M: int, K: int, block_k: int) -> int:
+    """How many K slices the BGMV shrink uses: about 128 producer programs in all."""
+    if interpreted():
+        return 2
+    return _pow2_at_most(max(1, min(128 // max(M, 1), K // (block_k * 2))))
+
+
+def expand_layout(b_stack: torch.Tensor) -> torch.Tensor:
+    """Return ``b_stack`` (E, N, r) as a view of an (E, r, N)-contiguous copy.
+
+    The BGMV epilogue reads, for each rank index, one B row per batch row: contiguous
+    along N in this layout, 2r bytes apart in the stacked one.
+    """
+    return b_stack.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def bgmv_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                a_stack: torch.Tensor, b_stack: torch.Tensor, index: torch.Tensor, *,
+                fused: bool | None = None) -> torch.Tensor:
+    """Return x W^T + b plus row m's s_e (x_m A_e^T) B_e^T with e = ``index[m]``.
+
+    ``a_stack`` (E, r, K) and ``b_stack`` (E, N, r) hold every adapter (any strides; a
+    view of an (E, r, N)-contiguous tensor, :func:`expand_layout`, reads B coalesced and
+    is much faster), the scale already folded into B
+    (:func:`deltatune.kernels.multi_lora.stack_padded`; its last entry is all zeros, the
+    base model's rows); ``index`` is int32 (M,). ``x`` is (M, K). One
+    launch (``fused``: the shrink runs in the same grid, ahead of the matmul's epilogue)
+    or two (a separate shrink kernel first); by default fused for K >= 8192, where it
+    measured faster on an H200 (two launches were faster at K = 2048-4096).
+    """
+    kern = _triton()
+    assert kern is not None, "triton is not available"
+    triton, _, kernels = kern
+    M, K = x.shape
+    N, r = weight.shape[0], a_stack.shape[1]
+    block_r = max(16, _next_pow2(r))
+    block_k = int((_OVERRIDE or _config(M, N, K))["BLOCK_K"])
+    split = _shrink_split(M, K, block_k)
+    per = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
+    h = torch.empty((split, M, r), device=x.device, dtype=torch.float32)
+    if fused is None:
+        fused = K >= 8192 or interpreted()
+    if fused and _counters(x.device) is None:
+        fused = False
+    if not fused:
+        kernels["bgmv_shrink"][(M, split)](
+            x, a_stack, index, h, K, r, per,
+            x.stride(0), x.stride(1), a_stack.stride(0), a_stack.stride(1), a_stack.stride(2),
+            h.stride(0), h.stride(1), BLOCK_K=block_k, BLOCK_R=block_r, num_warps=4)
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    _launch(x, weight, bias, a_stack, b_stack, h, index, y, M, N, K, r, 1.0,
+            a_stack.stride(), b_stack.stride(), h.stride(), mode=2, store_h=False,
+            h_split=split, n_shrink=M * split, k_shrink=per, fused_shrink=fused)
+    return y
+
+
+__all__ = ["MAX_RANK", "SMALL_M", "available", "bgmv_enabled", "bgmv_matmul", "expand_layout",
+           "for_graphs", "interpreted", "pays",
+           "lora_matmul",
+           "set_config_override", "supports"]

@@ -1,0 +1,218 @@
+"""The Triton LoRA kernels against float64 references.
+
+On a machine without CUDA they run in Triton's CPU interpreter (``TRITON_INTERPRET=1``,
+float32 and float16: the interpreter cannot read bfloat16); bfloat16 and CUDA-graph
+capture are checked on CUDA only. Without triton installed everything here skips.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import deltatune as dt
+from deltatune.kernels import fast_path, triton_lora
+from deltatune.kernels.lora_linear import lora_linear, lora_linear_reference
+from deltatune.kernels.multi_lora import multi_lora_reference, stack_padded
+from tests.conftest import randomize_deltas, tiny_llama, token_batch
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                reason="triton is not installed")
+CUDA = torch.cuda.is_available()
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Triton's interpreter must be chosen before triton is first imported (its own library
+# functions are compiled-only otherwise), so on CPU the kernel tests run in a child
+# pytest started with TRITON_INTERPRET=1 (test_kernels_in_the_cpu_interpreter).
+kernel_test = pytest.mark.skipif(not (CUDA or INTERPRETED),
+                                 reason="runs on CUDA, or in the interpreter's child pytest")
+
+
+@pytest.mark.skipif(CUDA or INTERPRETED, reason="CPU only; the child itself runs the tests")
+def test_kernels_in_the_cpu_interpreter():
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root),
+                                          os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           str(Path(__file__).resolve())], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout and " failed" not in done.stdout
+
+
+@pytest.fixture
+def dev(monkeypatch):
+    """The device the kernels run on: CUDA, else the CPU through Triton's interpreter.
+
+    The kernels are taken everywhere (not only under GraphDecoder), BGMV included.
+    """
+    monkeypatch.setenv("DELTATUNE_TRITON", "always")
+    monkeypatch.setenv("DELTATUNE_TRITON_BGMV", "1")
+    return torch.device("cuda" if CUDA else "cpu")
+
+
+def test_kernels_only_under_graph_decoding_by_default(monkeypatch):
+    monkeypatch.delenv("DELTATUNE_TRITON", raising=False)
+    x = torch.zeros(2, 4, device="cuda" if CUDA else "cpu")
+    if not CUDA and not INTERPRETED:
+        assert not triton_lora.available(x)  # CPU tensors never, whatever the scope
+        return
+    assert not triton_lora.available(x)
+    with triton_lora.for_graphs():
+        assert triton_lora.available(x)
+    monkeypatch.setenv("DELTATUNE_TRITON", "0")
+    with triton_lora.for_graphs():
+        assert not triton_lora.available(x)
+
+
+DTYPES = [(torch.float32, 1e-5), (torch.float16, 1e-2)] + (
+    [(torch.bfloat16, 1e-2)] if CUDA else [])
+
+
+def _rel(a, b):
+    a, b = a.double().cpu(), b.double().cpu()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _rand(g, *shape, std=1.0):
+    return torch.randn(*shape, generator=g) * std
+
+
+@kernel_test
+@pytest.mark.parametrize("dtype,limit", DTYPES)
+@pytest.mark.parametrize("M,K,N,r", [(1, 96, 80, 8), (19, 70, 33, 16), (64, 128, 48, 4)])
+def test_lora_matmul_matches_float64(dev, dtype, limit, M, K, N, r):
+    g = torch.Generator().manual_seed(M + K)
+    x, W, b = _rand(g, M, K), _rand(g, N, K, std=0.2), _rand(g, N)
+    A, B = _rand(g, r, K, std=0.3), _rand(g, N, r, std=0.3)
+    ref = lora_linear_reference(x.double(), W.double(), b.double(), A.double(), B.double(),
+                                1.5)
+    on = [t.to(dev, dtype) for t in (x, W, b, A, B)]
+    out = torch.full((M, N), float("nan"), device=dev, dtype=dtype)  # every element written
+    y, h = triton_lora.lora_matmul(*on, 1.5, store_h=True, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    assert _rel(y, ref) < limit
+    assert _rel(h, on[0].double() @ on[3].double().t()) < limit
+    # h given instead of computed; no bias
+    y2, none = triton_lora.lora_matmul(on[0], on[1], None, on[3], on[4], 1.5,
+                                       h=(on[0].double() @ on[3].double().t()).to(dtype))
+    assert none is None and _rel(y2, ref - b.double()) < limit
+    # a transposed (strided) weight: the input-gradient form g W
+    Wt = _rand(g, K, N, std=0.2).to(dev, dtype)
+    y3, _ = triton_lora.lora_matmul(on[0], Wt.t(), None, on[3], on[4], 1.5)
+    ref3 = lora_linear_reference(x.double(), Wt.t().double().cpu(), None, A.double(),
+                                 B.double(), 1.5)
+    assert _rel(y3, ref3) < limit
+
+
+@kernel_test
+@pytest.mark.parametrize("dtype,limit", DTYPES)
+@pytest.mark.parametrize("fused", [True, False])
+def test_bgmv_matmul_matches_the_per_adapter_loop(dev, dtype, limit, fused):
+    g = torch.Generator().manual_seed(4)
+    M, K, N, ranks, scales = 9, 80, 40, (4, 16, 8), [1.0, 2.0, 0.5]
+    As = [_rand(g, r, K, std=0.3) for r in ranks]
+    Bs = [_rand(g, N, r, std=0.3) for r in ranks]
+    rows = [0, 2, -1, 1, 1, 0, 2, -1, 2]
+    x, W, b = _rand(g, M, K), _rand(g, N, K, std=0.2), _rand(g, N)
+    ref = multi_lora_reference(x.double(), F.linear(x.double(), W.double(), b.double()), rows,
+                               [a.double() for a in As], [b_.double() for b_ in Bs], scales)
+    a_st, b_st = stack_padded([a.to(dev, dtype) for a in As], [b_.to(dev, dtype) for b_ in Bs],
+                              scales, dtype)
+    idx = torch.tensor([k if k >= 0 else len(As) for k in rows], dtype=torch.int32,
+                       device=dev)
+    y = triton_lora.bgmv_matmul(x.to(dev, dtype), W.to(dev, dtype), b.to(dev, dtype), a_st,
+                                b_st, idx, fused=fused)
+    assert _rel(y, ref) < limit
+    # every semaphore is back at zero for the next launch (or the next graph replay)
+    for cnt in triton_lora._COUNTERS.values():
+        assert int(cnt.abs().sum()) == 0
+
+
+def _count_calls(monkeypatch):
+    calls = {"lora_matmul": 0, "bgmv_matmul": 0}
+    for name in calls:
+        original = getattr(triton_lora, name)
+
+        def counted(*a, _name=name, _original=original, **k):
+            calls[_name] += 1
+            return _original(*a, **k)
+
+        monkeypatch.setattr(triton_lora, name, counted)
+    return calls
+
+
+@kernel_test
+def test_lora_linear_inference_takes_the_kernel_for_few_rows(dev, monkeypatch):
+    calls = _count_calls(monkeypatch)
+    g = torch.Generator().manual_seed(2)
+    x, W, b = _rand(g, 2, 3, 24).to(dev), _rand(g, 20, 24).to(dev), _rand(g, 20).to(dev)
+    A, B = _rand(g, 4, 24).to(dev), _rand(g, 20, 4).to(dev)
+    with torch.no_grad():
+        y = lora_linear(x, W, b, A, B, 0.7)
+    assert calls["lora_matmul"] == 1 and y.shape == (2, 3, 20)
+    ref = lora_linear_reference(*(t.double() for t in (x, W, b, A, B)), 0.7)
+    assert _rel(y, ref) < 1e-5
+    big = _rand(g, triton_lora.SMALL_M + 1, 24).to(dev)
+    with torch.no_grad():
+        lora_linear(big, W, b, A, B, 0.7)  # more rows than SMALL_M: the cuBLAS path
+    assert calls["lora_matmul"] == 1
+
+
+@kernel_test
+def test_model_decode_paths_equal_the_plain_path(dev, monkeypatch):
+    """A tiny Llama, one adapter and a mixed batch of two adapters plus base rows, a few
+    tokens per row: the Triton paths give the plain path's logits (float32)."""
+    calls = _count_calls(monkeypatch)
+    dm = dt.attach(tiny_llama(), dt.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"),
+                   name="a")
+    dm.add("b", dt.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    randomize_deltas(dm, std=0.1)
+    dm.to(dev).eval()
+    ids = token_batch(3, 4).to(dev)
+    names = ["a", None, "b"]
+    with torch.no_grad():
+        with fast_path("off"):
+            ref_mixed = dm(input_ids=ids, delta_names=names).logits
+            ref_one = dm(input_ids=ids).logits
+        with fast_path("on"):
+            mixed = dm(input_ids=ids, delta_names=names).logits
+            one = dm(input_ids=ids).logits
+    assert calls["bgmv_matmul"] == 14 and calls["lora_matmul"] == 14  # 7 linears x 2 layers
+    assert _rel(mixed, ref_mixed) < 1e-5
+    assert _rel(one, ref_one) < 1e-5
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_kernels_replay_inside_a_cuda_graph(dev):
+    d, g = torch.device("cuda"), torch.Generator().manual_seed(9)
+    x, W = _rand(g, 4, 512).to(d, torch.bfloat16), _rand(g, 384, 512, std=0.05).to(
+        d, torch.bfloat16)
+    A, B = _rand(g, 16, 512, std=0.1).to(d, torch.bfloat16), _rand(g, 384, 16, std=0.1).to(
+        d, torch.bfloat16)
+    a_st, b_st = stack_padded([A, A * 2], [B, B], [1.0, 0.5], torch.bfloat16)
+    idx = torch.tensor([0, 1, 2, 0], dtype=torch.int32, device=d)
+    triton_lora.lora_matmul(x, W, None, A, B, 2.0)
+    triton_lora.bgmv_matmul(x, W, None, a_st, b_st, idx)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y1, _ = triton_lora.lora_matmul(x, W, None, A, B, 2.0)
+        y2 = triton_lora.bgmv_matmul(x, W, None, a_st, b_st, idx)
+    for _ in range(3):  # replays reuse the semaphores: each must leave them at zero
+        x.copy_(_rand(g, 4, 512).to(d, torch.bfloat16))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref1 = lora_linear_reference(x.double(), W.double(), None, A.double(), B.double(), 2.0)
+        base = F.linear(x.double(), W.double())
+        ref2 = multi_lora_reference(x.double(), base, [0, 1, -1, 0],
+                                    [A.double(), 2 * A.double()], [B.double(), B.double()],
+                                    [1.0, 0.5])
+        assert _rel(y1, ref1) < 1e-2 and _rel(y2, ref2) < 1e-2
