@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from deltatune.cli import main
-from deltatune.core.errors import UnknownMethodError
-from deltatune.lab import methods, sweeps
+from deltatune.core.errors import ConfigError, UnknownMethodError
+from deltatune.lab import compare, methods, sweeps
 from deltatune.lab.methods import RunSpec, build_config, parse_methods
 from deltatune.lab.tasks import Loaded
 from tests.conftest import tiny_bert, tiny_llama
@@ -129,3 +131,27 @@ def test_numeric_sweeps_plot_every_numeric_variant_on_the_x_axis():
                   "prefix-50": 50.0}
     rank = sweeps.SWEEPS["lora-rank"]
     assert rank.x_values(rank.variants(loaded, SIZE))["lora-r64"] == 64.0
+
+
+def test_steps_replace_the_budget_and_rerun_changed_runs(tmp_path, capsys):
+    """--steps trains that many optimizer steps, in compare and in sweeps."""
+    res = sweeps.run_sweep("adalora-ranks", task="tiny-cls", out=tmp_path, steps=8,
+                           progress=False, echo=None)
+    rec = res.runs["adalora/seed0"]
+    assert rec["status"] == "done", rec.get("error")
+    # 8 steps x 4 rows x 10 tokens (SIZE has 4 steps; the tiny pool holds 8 batches)
+    assert rec["train_steps"] == 8 and rec["train_tokens"] == 8 * 4 * 10
+    assert "8 steps" in res.table.splitlines()[0]
+    # the CLI flag reaches compare(); a changed budget is a new run, the same one is reused
+    assert main(["compare", "--task", "tiny-cls", "--methods", "lora", "--out",
+                 str(tmp_path / "c"), "--no-plots", "--steps", "6"]) == 0
+    saved = json.loads((tmp_path / "c" / "results.json").read_text())["runs"]
+    assert saved["lora/seed0"]["train_steps"] == 6
+    again = compare("tiny-cls", "lora", out=tmp_path / "c", steps=6, progress=False,
+                    echo=None, plots_too=False)
+    assert again.skipped == ["lora/seed0"]
+    other = compare("tiny-cls", "lora", out=tmp_path / "c", steps=3, progress=False,
+                    echo=None, plots_too=False)
+    assert other.skipped == [] and other.runs["lora/seed0"]["train_steps"] == 3
+    with pytest.raises(ConfigError, match="positive integer"):
+        compare("tiny-cls", "lora", out=tmp_path / "d", steps=0, progress=False, echo=None)

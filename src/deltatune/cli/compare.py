@@ -25,6 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="lab-runs/compare", help="output directory (resumable)")
     p.add_argument("--full", action="store_true",
                    help="the task's full size (for a GPU) instead of the quick default")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps per run instead of the size's (a longer or shorter "
+                        "budget; part of the resume fingerprint)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
     p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR",
                    help="learning rate of one method (repeatable), e.g. --lr lora=5e-4")
@@ -66,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
     result = compare(args.task, args.methods, seeds=parse_seeds(args.seeds), out=args.out,
                      size="full" if args.full else "default", device=args.device,
-                     lr=parse_lr(args.lr), plots_too=not args.no_plots,
+                     lr=parse_lr(args.lr), steps=args.steps, plots_too=not args.no_plots,
                      keep_going=not args.stop_on_error)
     print()
     print(result.table)

@@ -16,6 +16,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", default="0", help="comma-separated seeds")
     p.add_argument("--out", default=None, help="output directory (default lab-runs/sweep-NAME)")
     p.add_argument("--full", action="store_true", help="the task's full (GPU) size")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps per run instead of the size's (a longer or shorter "
+                        "budget; part of the resume fingerprint)")
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: auto)")
     p.add_argument("--only", default=None, help="comma-separated variant labels to run")
     p.add_argument("--lr", action="append", default=[], metavar="NAME=LR",
@@ -41,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     only = [s.strip() for s in args.only.split(",")] if args.only else None
     result = run_sweep(args.name, task=args.task, seeds=parse_seeds(args.seeds), out=args.out,
                        size="full" if args.full else "default", device=args.device, only=only,
-                       lr=parse_lr(args.lr))
+                       lr=parse_lr(args.lr), steps=args.steps)
     print()
     print(result.table)
     print()

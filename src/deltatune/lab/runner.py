@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from deltatune.core.errors import DeltaTuneError
+from deltatune.core.errors import ConfigError, DeltaTuneError
 from deltatune.lab import measure, plots
 from deltatune.lab.methods import (
     RunSpec,
@@ -147,21 +147,34 @@ def _run_icl(task: LabTask, spec: RunSpec, seed: int, size: TaskSize, loaded: Lo
     return record
 
 
+def sized(task: LabTask, size: str, steps: int | None = None) -> TaskSize:
+    """Return ``task``'s size called ``size``, with ``steps`` optimizer steps when given."""
+    task_size = task.size(size)
+    if steps is None:
+        return task_size
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"steps must be a positive integer, got {steps!r}", field="steps")
+    return dataclasses.replace(task_size, steps=steps)
+
+
 def compare(task: str | LabTask, methods: str | Sequence[str] | Sequence[RunSpec], *,
             seeds: Sequence[int] = (0,), out: str | Path = "lab-runs", size: str = "default",
             device: str | None = None, lr: dict[str, float] | None = None,
+            steps: int | None = None,
             progress: bool = True, keep_going: bool = True, plots_too: bool = True,
             inspect: Callable[[Any, dict[str, Any]], None] | None = None,
             echo: Callable[[str], None] | None = print) -> CompareResult:
     """Train every method with every seed on ``task``; write results, CSVs, plots.
 
     ``methods``: names (``"full,bitfit,lora"``) or :class:`RunSpec` s (sweeps use those
-    for variants). ``lr`` overrides the learning rate per label. A run already finished in
-    ``out/results.json`` with the same spec is skipped. With ``keep_going`` a failing run
+    for variants). ``lr`` overrides the learning rate per label. ``steps``
+    replaces the size's number of optimizer steps (a longer budget; part of each run's
+    fingerprint). A run already finished in ``out/results.json`` with the same spec is
+    skipped. With ``keep_going`` a failing run
     is recorded as failed (with the error) and the others still run.
     """
     lab_task = get_task(task) if isinstance(task, str) else task
-    task_size = lab_task.size(size)
+    task_size = sized(lab_task, size, steps)
     if isinstance(methods, str) or (methods and isinstance(next(iter(methods)), str)):
         specs = parse_methods(list(methods) if not isinstance(methods, str) else methods)
     else:
@@ -219,7 +232,8 @@ def compare(task: str | LabTask, methods: str | Sequence[str] | Sequence[RunSpec
     wanted = {run_key(s.label, seed) for s in specs for seed in seeds}
     runs = {k: v for k, v in store.runs.items() if k in wanted}
     summary = summarize(runs.values())
-    title = f"{lab_task.name} ({lab_task.model_name}, size {size})"
+    title = f"{lab_task.name} ({lab_task.model_name}, size {size}" + (
+        f", {task_size.steps} steps)" if steps is not None else ")")
     table = format_table(summary, title)
     files = list(write_csvs(directory, runs, summary))
     files.insert(0, store.path)

@@ -21,7 +21,7 @@ from torch import nn
 from deltatune.core.blocks import layout_for
 from deltatune.core.errors import ConfigError, UnknownMethodError
 from deltatune.lab.methods import ICL, RunSpec, registered, resolve
-from deltatune.lab.runner import CompareResult, compare, pick_device
+from deltatune.lab.runner import CompareResult, compare, pick_device, sized
 from deltatune.lab.tasks import LabTask, Loaded, TaskSize, get_task
 
 
@@ -262,13 +262,15 @@ def plot_sweep(result: CompareResult, sweep: Sweep, path: Path) -> Path:
 def run_sweep(name: str, *, task: str | LabTask | None = None, seeds: Sequence[int] = (0,),
               out: str | Path | None = None, size: str = "default", device: str | None = None,
               only: Sequence[str] | None = None, progress: bool = True,
-              lr: dict[str, float] | None = None,
+              lr: dict[str, float] | None = None, steps: int | None = None,
               echo: Callable[[str], None] | None = print) -> CompareResult:
     """Run the sweep ``name``; return the comparison result (files include sweep.png).
 
     Raises :class:`UnknownMethodError` naming the methods this build lacks, before any
     training. ``only`` keeps the variants whose label is listed; ``lr`` sets learning
-    rates by variant label or method name (``{"lora": 5e-3}`` for every LoRA variant).
+    rates by variant label or method name (``{"lora": 5e-3}`` for every LoRA variant);
+    ``steps`` replaces the size's number of optimizer steps (variants sized by the
+    budget, such as AdaLoRA's schedule, follow it).
     """
     sweep = get_sweep(name)
     missing = missing_methods(sweep)
@@ -276,7 +278,7 @@ def run_sweep(name: str, *, task: str | LabTask | None = None, seeds: Sequence[i
         raise UnknownMethodError(f"sweep {name!r} needs method(s) {', '.join(missing)}, which "
                                  f"this deltatune build does not have yet", field="sweep")
     lab_task = get_task(task or sweep.task) if not isinstance(task, LabTask) else task
-    task_size = lab_task.size(size)
+    task_size = sized(lab_task, size, steps)
     loaded = lab_task.load(pick_device("cpu"))
     loaded.task = lab_task
     specs = sweep.variants(loaded, task_size)
@@ -292,7 +294,7 @@ def run_sweep(name: str, *, task: str | LabTask | None = None, seeds: Sequence[i
             raise ConfigError(f"--only matched no variant of {name!r}", field="only")
     directory = Path(out or f"lab-runs/sweep-{name}")
     result = compare(lab_task, specs, seeds=seeds, out=directory, size=size, device=device,
-                     lr=lr, progress=progress, inspect=sweep.inspect, echo=echo)
+                     lr=lr, steps=steps, progress=progress, inspect=sweep.inspect, echo=echo)
     result.files.append(plot_sweep(result, sweep, directory / "sweep.png"))
     if sweep.after is not None:
         result.files.extend(sweep.after(result, directory))
