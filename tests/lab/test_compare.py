@@ -7,6 +7,7 @@ import json
 import statistics
 
 import pytest
+import torch
 
 from deltatune.core.errors import UnknownMethodError
 from deltatune.lab import compare, runner
@@ -86,7 +87,7 @@ def test_resume_skips_finished_runs_and_reruns_changed_ones(done, monkeypatch):
         return real(task, spec, seed, *a, **kw)
 
     monkeypatch.setattr(runner, "run_once", counting)
-    specs = [RunSpec("lora", "lora"), RunSpec("lora-r2", "lora", {"r": 2}, lr=5e-3)]
+    specs = [RunSpec("lora", "lora"), RunSpec("lora-r2", "lora", {"r": 2}, lr=2e-2)]
     again = compare("tiny-cls", specs, seeds=[0, 1], out=done.directory, progress=False,
                     echo=None, plots_too=False)
     # lora is unchanged: both seeds reused; lora-r2 changed its lr: trained again
@@ -130,3 +131,37 @@ def test_icl_row_trains_nothing_and_times_the_long_prompt(tmp_path):
     assert rec["trainable_parameters"] == 0 and rec["checkpoint_bytes"] == 0
     assert rec["prompt_tokens"] == 2 * 8 * 4  # 2 rows x (3 demonstrations + query) x 8
     assert rec["latency_unmerged_ms"] > 0 and rec["metrics"]["neg_loss"] == -1.0
+
+
+def test_another_model_is_a_new_run_and_is_named(tmp_path, monkeypatch):
+    from deltatune.lab import tasks as lab_tasks
+    from deltatune.lab.runner import run_identity
+    from tests.lab.conftest import TinyClassification
+
+    task = lab_tasks.get_task("tiny-cls")
+    size = task.size("default")
+    spec = RunSpec("lora", "lora")
+    own = run_identity(task, size, spec, 0, torch.device("cpu"))
+    assert "model" not in own  # the default model: fingerprints of older results hold
+    other = lab_tasks.get_task("tiny-cls", model="tiny-bert-wide")
+    assert other.model_name == "tiny-bert-wide" and task.model_name == "tiny-bert"
+    assert run_identity(other, size, spec, 0, torch.device("cpu")) == {
+        **own, "model": "tiny-bert-wide"}
+    # through compare: the swapped model is the one loaded and the one reported
+    loaded_names = []
+    real_load = TinyClassification.load
+
+    def load(self, device):
+        loaded_names.append(self.model_name)
+        return real_load(self, device)
+
+    monkeypatch.setattr(TinyClassification, "load", load)
+    res = compare("tiny-cls", "lora", out=tmp_path, model="tiny-bert-wide", progress=False,
+                  plots_too=False, echo=None)
+    assert set(loaded_names) == {"tiny-bert-wide"}
+    assert "tiny-bert-wide" in res.table
+    again = compare("tiny-cls", "lora", out=tmp_path, progress=False, plots_too=False,
+                    echo=None)
+    assert again.skipped == []  # the default model's run is another run (and replaces it)
+    assert compare("tiny-cls", "lora", out=tmp_path, progress=False, plots_too=False,
+                   echo=None).skipped == ["lora/seed0"]

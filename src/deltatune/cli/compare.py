@@ -28,6 +28,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=None,
                    help="optimizer steps per run instead of the size's (a longer or shorter "
                         "budget; part of the resume fingerprint)")
+    p.add_argument("--model", default=None,
+                   help="another model for the task: a built-in name (deltatune models list; "
+                        "e.g. gemma3-270m for the causal-LM tasks) or a local model "
+                        "directory with the head the task needs (default: the task's own)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
     p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR",
                    help="learning rate of one method (repeatable), e.g. --lr lora=5e-4")
@@ -69,8 +73,8 @@ def run(args: argparse.Namespace) -> int:
 
     result = compare(args.task, args.methods, seeds=parse_seeds(args.seeds), out=args.out,
                      size="full" if args.full else "default", device=args.device,
-                     lr=parse_lr(args.lr), steps=args.steps, plots_too=not args.no_plots,
-                     keep_going=not args.stop_on_error)
+                     lr=parse_lr(args.lr), steps=args.steps, model=args.model,
+                     plots_too=not args.no_plots, keep_going=not args.stop_on_error)
     print()
     print(result.table)
     print()

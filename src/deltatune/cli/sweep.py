@@ -19,6 +19,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=None,
                    help="optimizer steps per run instead of the size's (a longer or shorter "
                         "budget; part of the resume fingerprint)")
+    p.add_argument("--model", default=None,
+                   help="another model for the task: a built-in name (deltatune models list; "
+                        "e.g. gemma3-270m for the causal-LM tasks) or a local model "
+                        "directory with the head the task needs (default: the task's own)")
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: auto)")
     p.add_argument("--only", default=None, help="comma-separated variant labels to run")
     p.add_argument("--lr", action="append", default=[], metavar="NAME=LR",
@@ -44,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     only = [s.strip() for s in args.only.split(",")] if args.only else None
     result = run_sweep(args.name, task=args.task, seeds=parse_seeds(args.seeds), out=args.out,
                        size="full" if args.full else "default", device=args.device, only=only,
-                       lr=parse_lr(args.lr), steps=args.steps)
+                       lr=parse_lr(args.lr), steps=args.steps, model=args.model)
     print()
     print(result.table)
     print()

@@ -157,10 +157,24 @@ def sized(task: LabTask, size: str, steps: int | None = None) -> TaskSize:
     return dataclasses.replace(task_size, steps=steps)
 
 
+def run_identity(task: LabTask, size: TaskSize, spec: RunSpec, seed: int,
+                 device: torch.device) -> dict[str, Any]:
+    """What makes a run the same run (hashed into its fingerprint for resuming).
+
+    The model is named only when it is not the task's own default, so results made
+    before models could be swapped keep their fingerprints.
+    """
+    identity = {"task": task.name, "size": dataclasses.asdict(size), "spec": spec.to_dict(),
+                "seed": seed, "device": device.type, "trainer": TRAINER}
+    if task.model_name != type(task).model_name:
+        identity["model"] = task.model_name
+    return identity
+
+
 def compare(task: str | LabTask, methods: str | Sequence[str] | Sequence[RunSpec], *,
             seeds: Sequence[int] = (0,), out: str | Path = "lab-runs", size: str = "default",
             device: str | None = None, lr: dict[str, float] | None = None,
-            steps: int | None = None,
+            steps: int | None = None, model: str | None = None,
             progress: bool = True, keep_going: bool = True, plots_too: bool = True,
             inspect: Callable[[Any, dict[str, Any]], None] | None = None,
             echo: Callable[[str], None] | None = print) -> CompareResult:
@@ -169,11 +183,13 @@ def compare(task: str | LabTask, methods: str | Sequence[str] | Sequence[RunSpec
     ``methods``: names (``"full,bitfit,lora"``) or :class:`RunSpec` s (sweeps use those
     for variants). ``lr`` overrides the learning rate per label. ``steps``
     replaces the size's number of optimizer steps (a longer budget; part of each run's
-    fingerprint). A run already finished in ``out/results.json`` with the same spec is
+    fingerprint). ``model`` swaps the task's model when ``task`` is a name (see
+    :func:`~deltatune.lab.tasks.get_task`). A run already finished in ``out/results.json``
+    with the same spec is
     skipped. With ``keep_going`` a failing run
     is recorded as failed (with the error) and the others still run.
     """
-    lab_task = get_task(task) if isinstance(task, str) else task
+    lab_task = get_task(task, model) if isinstance(task, str) else task
     task_size = sized(lab_task, size, steps)
     if isinstance(methods, str) or (methods and isinstance(next(iter(methods)), str)):
         specs = parse_methods(list(methods) if not isinstance(methods, str) else methods)
@@ -198,9 +214,7 @@ def compare(task: str | LabTask, methods: str | Sequence[str] | Sequence[RunSpec
     for spec in specs:
         for seed in seeds:
             key = run_key(spec.label, seed)
-            fp = fingerprint({"task": lab_task.name, "size": dataclasses.asdict(task_size),
-                              "spec": spec.to_dict(), "seed": seed, "device": dev.type,
-                              "trainer": TRAINER})
+            fp = fingerprint(run_identity(lab_task, task_size, spec, seed, dev))
             if store.finished(key, fp):
                 skipped.append(key)
                 if echo:

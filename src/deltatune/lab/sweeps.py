@@ -263,6 +263,7 @@ def run_sweep(name: str, *, task: str | LabTask | None = None, seeds: Sequence[i
               out: str | Path | None = None, size: str = "default", device: str | None = None,
               only: Sequence[str] | None = None, progress: bool = True,
               lr: dict[str, float] | None = None, steps: int | None = None,
+              model: str | None = None,
               echo: Callable[[str], None] | None = print) -> CompareResult:
     """Run the sweep ``name``; return the comparison result (files include sweep.png).
 
@@ -270,14 +271,14 @@ def run_sweep(name: str, *, task: str | LabTask | None = None, seeds: Sequence[i
     training. ``only`` keeps the variants whose label is listed; ``lr`` sets learning
     rates by variant label or method name (``{"lora": 5e-3}`` for every LoRA variant);
     ``steps`` replaces the size's number of optimizer steps (variants sized by the
-    budget, such as AdaLoRA's schedule, follow it).
+    budget, such as AdaLoRA's schedule, follow it); ``model`` swaps the task's model.
     """
     sweep = get_sweep(name)
     missing = missing_methods(sweep)
     if missing:
         raise UnknownMethodError(f"sweep {name!r} needs method(s) {', '.join(missing)}, which "
                                  f"this deltatune build does not have yet", field="sweep")
-    lab_task = get_task(task or sweep.task) if not isinstance(task, LabTask) else task
+    lab_task = get_task(task or sweep.task, model) if not isinstance(task, LabTask) else task
     task_size = sized(lab_task, size, steps)
     loaded = lab_task.load(pick_device("cpu"))
     loaded.task = lab_task

@@ -648,14 +648,23 @@ TASK_ALIASES = {"rotten-tomatoes": "sentiment", "wordnet-definitions": "definiti
                 "wordnet-definitions-demo": "definitions", "wordnet-term-spans": "term-spans"}
 
 
-def get_task(name: str) -> LabTask:
-    """Return a fresh instance of the task called ``name`` (or named by its data set)."""
+def get_task(name: str, model: str | None = None) -> LabTask:
+    """Return a fresh instance of the task called ``name`` (or named by its data set).
+
+    ``model`` replaces the task's model (a built-in name such as ``gemma3-270m``, or a
+    local Hugging Face model directory); it must have the head the task loads
+    (causal LM for ``definitions``/``sentiment-lm``, sequence or token classification for
+    ``sentiment``/``term-spans``), which is checked when the model loads.
+    """
     name = TASK_ALIASES.get(name, name)
     try:
-        return _TASKS[name]()
+        task = _TASKS[name]()
     except KeyError:
         raise ConfigError(f"unknown lab task {name!r}; built-in tasks: {', '.join(_TASKS)}",
                           field="task") from None
+    if model:
+        task.model_name = model
+    return task
 
 
 def list_tasks() -> list[LabTask]:
