@@ -87,7 +87,7 @@ def test_resume_skips_finished_runs_and_reruns_changed_ones(done, monkeypatch):
         return real(task, spec, seed, *a, **kw)
 
     monkeypatch.setattr(runner, "run_once", counting)
-    specs = [RunSpec("lora", "lora"), RunSpec("lora-r2", "lora", {"r": 2}, lr=2e-2)]
+    specs = [RunSpec("lora", "lora"), RunSpec("lora-r2", "lora", {"r": 2}, lr=2e-3)]
     again = compare("tiny-cls", specs, seeds=[0, 1], out=done.directory, progress=False,
                     echo=None, plots_too=False)
     # lora is unchanged: both seeds reused; lora-r2 changed its lr: trained again

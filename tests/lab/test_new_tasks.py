@@ -13,7 +13,13 @@ from torch import nn
 from deltatune import metrics
 from deltatune.lab import compare
 from deltatune.lab.methods import MANUAL, RunSpec, parse_methods
-from deltatune.lab.tasks import Loaded, PromptSentimentTask, TaskSize, TermSpanTask
+from deltatune.lab.tasks import (
+    DefinitionTask,
+    Loaded,
+    PromptSentimentTask,
+    TaskSize,
+    TermSpanTask,
+)
 from deltatune.tasks.base import IGNORE
 from tests.conftest import tiny_bert, tiny_llama
 from tests.tiny_tokenizer import char_tokenizer
@@ -172,3 +178,56 @@ def test_manual_is_zero_shot_and_ptuning_gets_the_prefix_placement(tmp_path):
     assert man["status"] == pt["status"] == "done", pt.get("error")
     assert man["trainable_parameters"] == 0 and man["metrics"]["shots"] == 0.0
     assert pt["config"]["placement"] == "prefix" and pt["trainable_parameters"] > 0
+
+
+DEF_ROWS = [{"prompt": "Define ab.", "response": "cd e"}, {"prompt": "Define f.", "response": "gh"},
+            {"prompt": "Define ij.", "response": "k"}, {"prompt": "Define l.", "response": "mn o"}]
+
+
+class TinyDefinitions(DefinitionTask):
+    name = "tiny-defs"
+    sizes = {"default": SIZE}  # noqa: RUF012
+    max_new_tokens = 3
+
+    def rows(self, split):
+        return [dict(r) for r in DEF_ROWS]
+
+    def load(self, device):
+        loaded = Loaded(tiny_llama().to(device), char_tokenizer(), device)
+        if loaded.tokenizer.pad_token_id is None:
+            loaded.tokenizer.pad_token = loaded.tokenizer.eos_token
+        return loaded
+
+
+def test_definitions_infix_sits_before_the_answer_and_runs_in_compare(tmp_path):
+    """The prefix sweep's infix variant: y (the answer) sees the infix, x (the prompt) not."""
+    from deltatune.core.model import DeltaModel
+    from deltatune.methods.prefix import PrefixTuningConfig
+
+    task = TinyDefinitions()
+    loaded = task.load(torch.device("cpu"))
+    base = task._encode_sft(loaded, DEF_ROWS[:2], 40)
+    assert "infix_position" not in base  # other methods get no extra argument
+    loaded.infix = True
+    batch = task._encode_sft(loaded, DEF_ROWS[:2], 40)
+    tok = loaded.tokenizer
+    lengths = [len(tok(task.prompt_text(r), add_special_tokens=False)["input_ids"])
+               for r in DEF_ROWS[:2]]
+    assert batch["infix_position"].tolist() == lengths
+    with torch.no_grad():
+        ref = loaded.model(input_ids=batch["input_ids"],
+                           attention_mask=batch["attention_mask"]).logits
+        dm = DeltaModel(loaded.model)
+        dm.add("x", PrefixTuningConfig(prefix_length=3, mode="infix", reparameterize=False))
+        out = dm(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        with dm.disabled():  # the argument is the delta's, never the wrapped model's
+            off = dm(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    for i, n in enumerate(lengths):
+        assert torch.allclose(out[i, :n], ref[i, :n], atol=1e-5)  # the prompt: unchanged
+        assert not torch.allclose(out[i, n:], ref[i, n:], atol=1e-3)  # the answer sees it
+    assert torch.allclose(off, ref, atol=1e-6)
+    res = compare(task, [RunSpec("infix-3", "prefix", {"prefix_length": 3, "mode": "infix"})],
+                  out=tmp_path, progress=False, plots_too=False, echo=None)
+    rec = res.runs["infix-3/seed0"]
+    assert rec["status"] == "done", rec.get("error")
+    assert 0.0 <= rec["metrics"]["rougeL"] <= 1.0

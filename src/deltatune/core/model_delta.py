@@ -604,7 +604,10 @@ def edit_call(dm: DeltaModel, args: tuple[Any, ...], kwargs: dict[str, Any], *,
     logits so they line up with the caller's inputs.
     """
     parts = _on_parts(dm)
-    keys = {k for p in parts for k in p.consumes}
+    # every attached part's call arguments are taken out, also while it is off or the
+    # model is disabled: they are meant for the delta, never for the wrapped model
+    keys = {k for n in dm.delta_names for part in dm.get_delta(n).parts.values()
+            if isinstance(part, ModelDelta) for k in part.consumes}
     extra = {k: kwargs.pop(k) for k in keys if k in kwargs}
     for part in parts:
         part.receive({k: v for k, v in extra.items() if k in part.consumes})

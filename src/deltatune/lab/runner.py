@@ -97,6 +97,7 @@ def run_once(task: LabTask, spec: RunSpec, seed: int, size: TaskSize, device: to
     dm = DeltaModel(loaded.model)
     seed_everything(seed)  # the delta's init depends on the seed only, not on loading
     dm.add("lab", config)
+    loaded.infix = getattr(config, "mode", None) == "infix"
     record.update(measure.parameter_counts(dm))
     record["config"] = config.to_dict()
     batches = task.train_batches(loaded, size, seed)

@@ -59,6 +59,8 @@ class Loaded:
     tokenizer: Any
     device: torch.device
     task: Any = None  # the LabTask that loaded it (sweeps read label names from it)
+    # the attached delta is an infix prefix ([x; INFIX; y]): calls pass infix_position
+    infix: bool = False
 
 
 def _load_causal_lm(model_name: str, device: torch.device) -> Loaded:
@@ -275,9 +277,10 @@ class DefinitionTask(LabTask):
 
     def _encode_sft(self, loaded: Loaded, rows: Sequence[dict], max_length: int) -> Batch:
         tok = loaded.tokenizer
-        ids, labels = [], []
+        ids, labels, prompts = [], [], []
         for row in rows:
             p = tok(self.prompt_text(row), add_special_tokens=False)["input_ids"]
+            prompts.append(p)
             a = tok(" " + row["response"], add_special_tokens=False)["input_ids"]
             a = [*a, tok.eos_token_id]
             seq = (p + a)[:max_length]
@@ -292,6 +295,8 @@ class DefinitionTask(LabTask):
                                             for s in ids]),
             "labels": torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels]),
         }
+        if loaded.infix:  # y (the answer) starts after the prompt; only y sees the infix
+            batch["infix_position"] = torch.tensor([min(len(p), max_length) for p in prompts])
         return {k: v.to(loaded.device) for k, v in batch.items()}
 
     def _train_rows(self, size: TaskSize) -> list[dict]:
@@ -316,6 +321,9 @@ class DefinitionTask(LabTask):
         finally:
             tok.padding_side = "right"
         enc = {k: v.to(loaded.device) for k, v in enc.items()}
+        if loaded.infix:  # left padding: every row's answer starts at the same index
+            enc["infix_position"] = torch.full((enc["input_ids"].shape[0],),
+                                               enc["input_ids"].shape[1], device=loaded.device)
         out = model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
