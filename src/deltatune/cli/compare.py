@@ -25,13 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="lab-runs/compare", help="output directory (resumable)")
     p.add_argument("--full", action="store_true",
                    help="the task's full size (for a GPU) instead of the quick default")
-    p.add_argument("--steps", type=int, default=None,
-                   help="optimizer steps per run instead of the size's (a longer or shorter "
-                        "budget; part of the resume fingerprint)")
-    p.add_argument("--model", default=None,
-                   help="another model for the task: a built-in name (deltatune models list; "
-                        "e.g. gemma3-270m for the causal-LM tasks) or a local model "
-                        "directory with the head the task needs (default: the task's own)")
+    add_budget_and_model_flags(p)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
     p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR",
                    help="learning rate of one method (repeatable), e.g. --lr lora=5e-4")
@@ -39,6 +33,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--stop-on-error", action="store_true",
                    help="stop at the first failing run instead of recording it and going on")
     p.set_defaults(handler=run)
+
+
+def add_budget_and_model_flags(p: argparse.ArgumentParser) -> None:
+    """Add ``--steps`` and ``--model`` (shared by ``compare`` and ``sweep``)."""
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps per run instead of the size's (a longer or shorter "
+                        "budget; part of the resume fingerprint)")
+    p.add_argument("--model", default=None,
+                   help="another model for the task: a built-in name (deltatune models list; "
+                        "e.g. gemma3-270m for the causal-LM tasks) or a local model "
+                        "directory with the head the task needs (default: the task's own)")
 
 
 def parse_seeds(text: str) -> list[int]:

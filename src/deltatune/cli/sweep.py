@@ -7,6 +7,8 @@ import argparse
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``sweep`` subcommand."""
+    from deltatune.cli.compare import add_budget_and_model_flags
+
     p = subparsers.add_parser("sweep", help="run one of the papers' ablations (see --list)",
                               description="Run an ablation as a set of variants; writes the "
                                           "comparison files plus sweep.png.")
@@ -16,13 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", default="0", help="comma-separated seeds")
     p.add_argument("--out", default=None, help="output directory (default lab-runs/sweep-NAME)")
     p.add_argument("--full", action="store_true", help="the task's full (GPU) size")
-    p.add_argument("--steps", type=int, default=None,
-                   help="optimizer steps per run instead of the size's (a longer or shorter "
-                        "budget; part of the resume fingerprint)")
-    p.add_argument("--model", default=None,
-                   help="another model for the task: a built-in name (deltatune models list; "
-                        "e.g. gemma3-270m for the causal-LM tasks) or a local model "
-                        "directory with the head the task needs (default: the task's own)")
+    add_budget_and_model_flags(p)
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: auto)")
     p.add_argument("--only", default=None, help="comma-separated variant labels to run")
     p.add_argument("--lr", action="append", default=[], metavar="NAME=LR",
