@@ -11,9 +11,8 @@ import torch
 from deltatune.federated.flower import pack
 from deltatune.federated.payload import from_bytes, global_tensors
 from deltatune.federated.process import federate_in_processes
-from deltatune.federated.run import prepare, run_federated, toy_model
-from deltatune.federated.tasks import load_task
-from tests.federated.helpers import assert_same_records
+from deltatune.federated.run import prepare, toy_model
+from tests.federated.helpers import assert_matches_in_process_pfedpara
 
 
 def test_two_client_processes_match_the_in_process_loop(tmp_path):
@@ -26,14 +25,7 @@ def test_two_client_processes_match_the_in_process_loop(tmp_path):
     assert log[0]["bytes_up"] == 2 * one
     # the same federation in one process, same seeds: the same averaged global tensors and
     # the same records (round 2 needs each client process to keep its own W2)
-    task = load_task("toy", examples=24)
-    records, fleet = run_federated("pfedpara", task.make_model, task.train, task.test,
-                                   clients=2, rounds=2, non_iid=1.0, lr=3e-3, batch_size=16)
-    want = global_tensors(fleet[0].model, "pfedpara")
-    assert set(got) == set(want)
-    for name in want:
-        assert torch.allclose(got[name], want[name], atol=1e-6), name
-    assert_same_records(got_records, records)
+    assert_matches_in_process_pfedpara(got, got_records)
 
 
 def test_wrong_shape_and_dropped_client_processes_are_rejected(tmp_path):
