@@ -30,6 +30,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -345,9 +346,13 @@ def _graph_time(calls, reps: int = 20) -> float:
 
 
 SWEEP = [(bn, bk, sk, 4, 3) for bn in (16, 32, 64) for bk in (128, 256) for sk in (1, 2, 4, 8)]
+# --sweep-wide: warps and pipeline stages too (bytes in flight for a GEMV)
+SWEEP_WIDE = [(bn, bk, sk, nw, ns) for bn in (32, 64) for bk in (128, 256) for sk in (1, 2, 4)
+              for nw in (4, 8) for ns in (2, 3, 4, 5)]
 
 
-def kernel_bench(sweep: bool) -> None:
+def kernel_bench(sweep: bool, shapes: list[tuple[int, int]] | None = None,
+                 rows: tuple[int, ...] = (1, 16, 32, 64), grid: list | None = None) -> None:
     """Decode-sized LoRA linears, each sequence captured in a CUDA graph: cuBLAS merged
     GEMV (the target), the cuBLAS LoRA path (3 kernels), the fused Triton kernel, and
     for 32 adapters in a batch of 32 the current concat path vs the Triton BGMV."""
@@ -356,8 +361,8 @@ def kernel_bench(sweep: bool) -> None:
     from deltatune.kernels.multi_lora import concat_mask, stack_concat, stack_padded
 
     d, dtype, r = dev(), torch.bfloat16, 16
-    shapes = [(2048, 2048), (2048, 512), (2048, 8192), (8192, 2048), (4096, 14336),
-              (14336, 4096)]
+    shapes = shapes or [(2048, 2048), (2048, 512), (2048, 8192), (8192, 2048), (4096, 14336),
+                        (14336, 4096)]
 
     def record(name, K, N, M, sec, **extra):
         RESULTS["rows"].append(dict(section="kernels", name=name, K=K, N=N, M=M,
@@ -369,7 +374,7 @@ def kernel_bench(sweep: bool) -> None:
             Ws = [torch.randn(N, K, device=d, dtype=dtype) * 0.02 for _ in range(sets)]
             As = [torch.randn(r, K, device=d, dtype=dtype) * 0.02 for _ in range(sets)]
             Bs = [torch.randn(N, r, device=d, dtype=dtype) * 0.02 for _ in range(sets)]
-            for M in (1, 16, 32, 64):
+            for M in rows:
                 x = torch.randn(M, K, device=d, dtype=dtype)
                 t = {}
                 t["merged (cuBLAS)"] = _graph_time([lambda W=W, x=x: F.linear(x, W) for W in Ws])
@@ -381,7 +386,7 @@ def kernel_bench(sweep: bool) -> None:
                      for W, A, B in zip(Ws, As, Bs)])
                 if sweep and M in (1, 32):
                     best = (math.inf, None)
-                    for bn, bk, sk, nw, ns in SWEEP:
+                    for bn, bk, sk, nw, ns in grid or SWEEP:
                         if K // sk < bk:
                             continue
                         cfg = dict(BLOCK_M=16 if M <= 16 else 32, BLOCK_N=bn, BLOCK_K=bk,
@@ -397,6 +402,8 @@ def kernel_bench(sweep: bool) -> None:
                         finally:
                             tlr.set_config_override(None)
                         record("sweep", K, N, M, sec, config=[bn, bk, sk, nw, ns])
+                        log(f"    sweep K={K} N={N} M={M} {[bn, bk, sk, nw, ns]} "
+                            f"{sec * 1e6:.1f}us")
                         if sec < best[0]:
                             best = (sec, [bn, bk, sk, nw, ns])
                     t["lora triton best of sweep"] = best[0]
@@ -749,7 +756,75 @@ def infer_bench(shape: str, prefill_batch: int, prefill_len: int, decode_tokens:
 
 
 # --------------------------------------------------------------------------- graph decode
-def graph_decode_bench(shape: str, decode_tokens: int, reps: int) -> None:
+def at_same_position(dec, fn):
+    """Return ``fn`` wrapped to put the static cache's fill counters back first.
+
+    Every decode step advances them, so a step repeated for timing or profiling would run
+    past the cache; restored (a device-to-device copy per layer) it decodes the same
+    position each time.
+    """
+    counters = dec._counters()
+    saved = [c.clone() for c in counters]
+
+    def again() -> None:
+        for c, v in zip(counters, saved):
+            c.copy_(v)
+        fn()
+    return again
+
+
+def time_step(dec, reps: int) -> float:
+    """Median seconds of one decode step of ``dec`` (its graph replayed; eager on the CPU),
+    the counter reset of :func:`at_same_position` outside the timed region."""
+    restore = at_same_position(dec, lambda: None)
+    replay = dec.graph.replay if dec.graph is not None else torch.no_grad()(dec._step)
+    times = []
+    for i in range(reps + 2):
+        restore()
+        sync()
+        t0 = time.perf_counter()
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            replay()
+            end.record()
+            end.synchronize()
+            sec = start.elapsed_time(end) / 1e3
+        else:
+            replay()
+            sec = time.perf_counter() - t0
+        if i >= 2:
+            times.append(sec)
+    restore()
+    return statistics.median(times)
+
+
+def profile_replay(replay, label: str, top: int = 12) -> None:
+    """Log the kernels of one graph replay (count, total us, top kernels by time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        replay()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"
+               and "Memcpy" not in e.name and "Memset" not in e.name]
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        by_name.setdefault(e.name[:90], []).append(e.device_time)
+    total = sum(sum(v) for v in by_name.values())
+    log(f"  profile {label}: {len(kernels)} kernels, {total:.0f} us of kernel time")
+    RESULTS["rows"].append(dict(section="decode_profile", name=label, kernels=len(kernels),
+                                kernel_us=total, top={k: [len(v), sum(v)] for k, v in sorted(
+                                    by_name.items(), key=lambda kv: -sum(kv[1]))[:top]}))
+    for name, times in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]:
+        log(f"    {len(times):4d} x {sum(times) / len(times):7.2f} us = {sum(times):8.1f} us  "
+            f"{name}")
+
+
+def graph_decode_bench(shape: str, decode_tokens: int, reps: int,
+                       profile: bool = False) -> None:
     """Decode per token with every step replayed from a CUDA graph (static KV cache), for
     base, merged, unmerged and mixed batches alike, plus an adapter switch by copy_."""
     from deltatune.kernels.graph_decode import GraphDecoder
@@ -775,15 +850,27 @@ def graph_decode_bench(shape: str, decode_tokens: int, reps: int) -> None:
                 dec = GraphDecoder(net, b, max_len, forward_kwargs=kw)
                 sec = timeit(lambda dec=dec, b=b: dec.generate(short[:b], decode_tokens),
                              reps, 1)
+                # one decode step alone (the captured graph replayed at the last position)
+                step = time_step(dec, 4 * reps)
+                # the prompt's forward pass run eagerly, as before prefill graphs
+                old = GraphDecoder(net, b, max_len, forward_kwargs=kw, graph_prefill=False)
+                sec_eager_prefill = timeit(
+                    lambda dec=old, b=b: dec.generate(short[:b], decode_tokens), reps, 1)
                 # the same static-cache steps without the graph: the replay must agree
                 eager = GraphDecoder(net, b, max_len, forward_kwargs=kw, use_graph=False)
                 same = float((dec.generate(short[:b], decode_tokens) ==
                               eager.generate(short[:b], decode_tokens)).float().mean())
                 record(what, b, sec / decode_tokens, captures=dec.captures,
-                       tokens_equal_eager=round(same, 4))
+                       tokens_equal_eager=round(same, 4), step_ms=round(step * 1e3, 4),
+                       eager_prefill_ms_per_token=round(sec_eager_prefill / decode_tokens
+                                                        * 1e3, 4))
+                if profile and dec.graph is not None:
+                    profile_replay(at_same_position(dec, dec.graph.replay),
+                                   f"{what} b{b} replay")
             except Exception as e:  # report, keep going
+                log(traceback.format_exc(limit=-4))
                 record(what, b, math.nan, error=f"{type(e).__name__}: {str(e)[:300]}")
-            dec = None
+            dec = old = None
 
     model = build(shape).eval()
     run(model, "base")
@@ -896,6 +983,17 @@ def summary() -> None:
                 f"{div(q('unmerged', 32), q('merged', 32)):.3f} (<=1.10)  b32 mixed-32 "
                 f"throughput vs unmerged {div(q('unmerged', 32), q('mixed-32', 32)):.3f} "
                 f"(>=0.85)  merged b1 graph/eager {div(q('merged', 1), eager_b1):.3f}")
+            steps = {(r["name"], r["batch"]): r.get("step_ms", math.nan) for r in rows
+                     if r["section"] == "graph_decode" and r["shape"] == shape
+                     and r.get("batch")}
+
+            def st(name, b, steps=steps):
+                return steps.get((name, b), math.nan)
+            log(f"graph {shape} one decode step unmerged/merged b1 "
+                f"{div(st('unmerged', 1), st('merged', 1)):.3f} b32 "
+                f"{div(st('unmerged', 32), st('merged', 32)):.3f} (<=1.10)  b32 mixed-32 "
+                f"throughput vs unmerged {div(st('unmerged', 32), st('mixed-32', 32)):.3f} "
+                f"(>=0.85)")
         if "deltatune" in fws:
             for fw in fws:
                 if fw == "deltatune":
@@ -933,6 +1031,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--train", action="store_true")
     ap.add_argument("--infer", action="store_true")
     ap.add_argument("--profile", action="store_true", help="top kernels of one fast step")
+    ap.add_argument("--profile-decode", action="store_true",
+                    help="with --graph-decode: the kernels of one decode step per variant")
     ap.add_argument("--graph-decode", action="store_true",
                     help="decode with CUDA graphs (static KV cache) for every variant")
     ap.add_argument("--shapes", default="1b", help="comma list of 1b, 8b, tiny")
@@ -950,6 +1050,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--kernels", action="store_true",
                     help="decode-sized LoRA linears: cuBLAS vs the Triton kernels (graphs)")
     ap.add_argument("--sweep", action="store_true", help="with --kernels: tile-config sweep")
+    ap.add_argument("--sweep-wide", action="store_true",
+                    help="with --kernels: warps and stages too, at --kernel-shapes, 1 and 32 rows")
+    ap.add_argument("--kernel-shapes", default="2048x8192,2048x2048",
+                    help="KxN list for --sweep-wide")
     ap.add_argument("--large-m", type=int, default=0,
                     help="tokens for the large-M Triton vs cuBLAS forward comparison (0: skip)")
     ap.add_argument("--train-shapes", default=None, help="shapes for --train (default --shapes)")
@@ -960,7 +1064,12 @@ def main(argv: list[str] | None = None) -> None:
         if args.check:
             check()
         if args.kernels:
-            kernel_bench(args.sweep)
+            if args.sweep_wide:
+                kernel_bench(True, [tuple(int(v) for v in kn.split("x"))
+                                    for kn in args.kernel_shapes.split(",")], (1, 32),
+                             SWEEP_WIDE)
+            else:
+                kernel_bench(args.sweep)
         if args.large_m:
             large_m_bench(args.large_m)
         if args.layer:
@@ -976,7 +1085,7 @@ def main(argv: list[str] | None = None) -> None:
             profile_step(args.shapes.split(",")[0], args.batch, args.seq)
         if args.graph_decode:
             for shape in args.shapes.split(","):
-                graph_decode_bench(shape, args.decode_tokens, 3)
+                graph_decode_bench(shape, args.decode_tokens, 3, args.profile_decode)
         if args.infer:
             pb, pl = (int(v) for v in args.prefill.split("x"))
             for shape in args.shapes.split(","):

@@ -68,5 +68,16 @@ def test_cuda_graph_replay_equals_eager_and_swaps_without_recapture():
     other = _model(adapter_seed=5).cuda()
     want = GraphDecoder(other, 4, 32, use_graph=False).generate(ids, 10)
     dm.load_delta_state_dict(other.delta_state_dict())
+    # memory freed since the capture is handed out again: the graphs must not read any
+    junk = [torch.full((1 << 14,), 7, device="cuda") for _ in range(64)]
     assert torch.equal(gd.generate(ids, 10), want)
-    assert gd.captures == 1
+    del junk
+    assert gd.captures == 2  # the decode step and the 6-token prompt's prefill
+    # another prompt length: one more prefill graph, tokens still those of eager decoding
+    longer = torch.randint(3, 128, (4, 9), generator=torch.Generator().manual_seed(3)).cuda()
+    want = GraphDecoder(dm, 4, 32, use_graph=False).generate(longer, 10)
+    assert torch.equal(gd.generate(longer, 10), want)
+    assert gd.captures == 3
+    eager_prefill = GraphDecoder(dm, 4, 32, graph_prefill=False)
+    assert torch.equal(eager_prefill.generate(longer, 10), want)
+    assert eager_prefill.captures == 1

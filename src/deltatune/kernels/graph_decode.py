@@ -11,8 +11,13 @@ in-place ``copy_`` of same-shaped tensors) changes what the next replay computes
 the *set or shape* of tensors (another rank, attaching a delta, merging) needs a new
 :class:`GraphDecoder`. Row routing (``delta_names``) is fixed at capture time.
 
-Without CUDA (or with ``use_graph=False``) the same static-cache step runs eagerly: the
-CPU tests check it against Hugging Face ``generate``.
+The prompt's forward pass (prefill) is captured too, one graph per prompt length
+(``graph_prefill``): run eagerly it costs as much Python dispatch as a decode step and,
+for an unmerged adapter, two more launches per adapted linear, which showed in the time
+per token of short generations (docs/performance.md).
+
+Without CUDA (or with ``use_graph=False``) the same static-cache steps run eagerly: the
+CPU tests check them against Hugging Face ``generate``.
 """
 
 from __future__ import annotations
@@ -30,12 +35,14 @@ class GraphDecoder:
     """Greedy decoding of ``batch`` rows up to ``max_len`` tokens, one CUDA graph per step.
 
     ``forward_kwargs`` go to every forward call (e.g. ``delta_names`` for a mixed batch).
-    :attr:`captures` counts graph captures: it stays 1 however many sequences are decoded
-    and however many times the adapter weights are swapped in place.
+    ``graph_prefill`` (default True) replays the prompt's forward pass from a graph as
+    well, one per prompt length seen. :attr:`captures` counts graph captures: one for
+    the decode step plus one per prompt length, however many sequences are decoded and
+    however many times the adapter weights are swapped in place.
     """
 
     def __init__(self, model: torch.nn.Module, batch: int, max_len: int, *,
-                 use_graph: bool | None = None,
+                 use_graph: bool | None = None, graph_prefill: bool = True,
                  forward_kwargs: dict[str, Any] | None = None) -> None:
         from transformers import StaticCache
 
@@ -53,6 +60,11 @@ class GraphDecoder:
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self.next = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph_prefill = graph_prefill
+        # prompt length -> (graph, prompt buffer, first-token buffer, positions); the graph
+        # reads these tensors where they are, so they must live as long as it does
+        self._prefills: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor,
+                                        torch.Tensor]] = {}
         self.captures = 0
         self._warmed = False
 
@@ -72,13 +84,14 @@ class GraphDecoder:
         return [c for layer in getattr(self.cache, "layers", [])
                 if isinstance(c := getattr(layer, "cumulative_length", None), torch.Tensor)]
 
-    def _warm_up(self) -> None:
-        """Run two steps at the current position and undo their effect on the cache.
+    def _warm_up(self, step=None) -> None:
+        """Run ``step`` (default: one decode step) twice and undo its effect on the cache.
 
-        Before a capture this settles allocator pools and library handles (on a side
-        stream); it runs in eager mode too (once per decoder), so the CPU tests exercise it.
-        Both steps write the K/V of position ``pos``, which the next real step rewrites; the
-        fill counters they advanced are put back in place (the graph reads these tensors).
+        Before a capture this settles allocator pools, library handles and Triton's
+        compilation (on a side stream); it runs in eager mode too (once per decoder), so
+        the CPU tests exercise it. The steps write K/V at positions the next real step
+        rewrites; the fill counters they advanced are put back in place (the graphs read
+        these tensors).
         """
         counters = self._counters()
         saved = [c.clone() for c in counters]
@@ -88,12 +101,43 @@ class GraphDecoder:
             stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
             for _ in range(2):
-                self._step()
+                (step or self._step)()
+                for c, v in zip(counters, saved):
+                    c.copy_(v)
         if cuda:
             torch.cuda.current_stream().wait_stream(stream)
-        for c, v in zip(counters, saved):
-            c.copy_(v)
-        self._warmed = True
+        if step is None:
+            self._warmed = True
+
+    def _prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Return the first new token of every row (batch,), the prompt's K/V cached.
+
+        On the graph path the prompt's forward pass is replayed from a graph captured for
+        this prompt length (warmed up and captured on first sight of the length).
+        """
+        length = input_ids.shape[1]
+        prompt = torch.arange(length, device=self.device)
+        if not (self.use_graph and self.graph_prefill):
+            return self._forward(input_ids.to(self.device), prompt).argmax(-1)
+        entry = self._prefills.get(length)
+        if entry is None:
+            ids = input_ids.to(self.device).clone()
+            first = torch.zeros(self.batch, dtype=torch.long, device=self.device)
+
+            def run(ids=ids, prompt=prompt, first=first) -> None:
+                first.copy_(self._forward(ids, prompt).argmax(-1))
+
+            self._warm_up(run)
+            self.cache.reset()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                run()
+            self.captures += 1
+            entry = self._prefills[length] = (graph, ids, first, prompt)
+        graph, ids, first, _ = entry
+        ids.copy_(input_ids)
+        graph.replay()
+        return first.clone()
 
     def _capture(self) -> None:
         self.graph = torch.cuda.CUDAGraph()
@@ -120,8 +164,7 @@ class GraphDecoder:
                               f"max_len {self.max_len}): build one with those sizes",
                               field="input_ids")
         self.cache.reset()
-        prompt = torch.arange(length, device=self.device)
-        first = self._forward(input_ids.to(self.device), prompt).argmax(-1)
+        first = self._prefill(input_ids)
         out = [first]
         self.ids.copy_(first.view(-1, 1))
         for i in range(new_tokens - 1):
