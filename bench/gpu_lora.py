@@ -305,6 +305,11 @@ def triton_checks(expect) -> None:
             ref = multi_lora_reference(x.double(), base, rows, [a.double() for a in As],
                                        [b_.double() for b_ in Bs], scales)
             expect(f"triton bgmv {tag} M={M} K={K} N={N}", rel(y, ref), limit)
+            b_cat = tlr.concat_layout(b_st)
+            for fused in (False, True):
+                y = tlr.bgmv_matmul(x, W, b, a_st, b_st, idx, fused=fused, b_concat=b_cat)
+                expect(f"triton bgmv concat {tag} M={M} K={K} N={N} fused={fused}",
+                       rel(y, ref), limit)
         if d.type == "cuda":
             # captured in a CUDA graph, replayed on new inputs copied into place
             x, W = rn(4, 1024), rn(512, 1024, std=0.05)
@@ -430,6 +435,12 @@ def kernel_bench(sweep: bool, shapes: list[tuple[int, int]] | None = None,
                         [lambda W=W, x=x, a=a_st, b=b_st, i=idx:
                          tlr.bgmv_matmul(x, W, None, a, b, i)
                          for W in Ws])
+                    b_cat = tlr.concat_layout(b_st)
+                    for fused in (False, True):
+                        t[f"mixed-32 triton concat {'fused' if fused else '2 launches'}"] = \
+                            _graph_time([lambda W=W, x=x, a=a_st, b=b_st, i=idx, f=fused,
+                                         c=b_cat: tlr.bgmv_matmul(x, W, None, a, b, i, fused=f,
+                                                                  b_concat=c) for W in Ws])
                 base = t["merged (cuBLAS)"]
                 for name, sec in t.items():
                     record(name, K, N, M, sec, ratio_vs_merged=sec / base)
@@ -886,6 +897,13 @@ def graph_decode_bench(shape: str, decode_tokens: int, reps: int,
     randomize(lora_params(net), seed=3)
     for k in (4, 32):
         run(net, f"mixed-{k}", (32,), [names32[i % k] for i in range(32)])
+    previous = os.environ.get("DELTATUNE_TRITON_BGMV")
+    os.environ["DELTATUNE_TRITON_BGMV"] = "concat"
+    run(net, "mixed-32 (triton concat)", (32,), [names32[i % 32] for i in range(32)])
+    if previous is None:
+        os.environ.pop("DELTATUNE_TRITON_BGMV")
+    else:
+        os.environ["DELTATUNE_TRITON_BGMV"] = previous
     dec = None
     try:
         # adapter switch: copy a1's tensors into a0's (what a server does between
@@ -993,7 +1011,8 @@ def summary() -> None:
                 f"{div(st('unmerged', 1), st('merged', 1)):.3f} b32 "
                 f"{div(st('unmerged', 32), st('merged', 32)):.3f} (<=1.10)  b32 mixed-32 "
                 f"throughput vs unmerged {div(st('unmerged', 32), st('mixed-32', 32)):.3f} "
-                f"(>=0.85)")
+                f"(>=0.85), Triton concat "
+                f"{div(st('unmerged', 32), st('mixed-32 (triton concat)', 32)):.3f}")
         if "deltatune" in fws:
             for fw in fws:
                 if fw == "deltatune":
@@ -1052,8 +1071,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sweep", action="store_true", help="with --kernels: tile-config sweep")
     ap.add_argument("--sweep-wide", action="store_true",
                     help="with --kernels: warps and stages too, at --kernel-shapes, 1 and 32 rows")
-    ap.add_argument("--kernel-shapes", default="2048x8192,2048x2048",
-                    help="KxN list for --sweep-wide")
+    ap.add_argument("--kernel-shapes", default=None,
+                    help="KxN list for --kernels (default: the 1B and 8B shapes; with "
+                         "--sweep-wide 2048x8192,2048x2048)")
+    ap.add_argument("--kernel-rows", default="1,16,32,64", help="rows for --kernels")
     ap.add_argument("--large-m", type=int, default=0,
                     help="tokens for the large-M Triton vs cuBLAS forward comparison (0: skip)")
     ap.add_argument("--train-shapes", default=None, help="shapes for --train (default --shapes)")
@@ -1064,12 +1085,12 @@ def main(argv: list[str] | None = None) -> None:
         if args.check:
             check()
         if args.kernels:
+            shapes = [tuple(int(v) for v in kn.split("x"))
+                      for kn in args.kernel_shapes.split(",")] if args.kernel_shapes else None
             if args.sweep_wide:
-                kernel_bench(True, [tuple(int(v) for v in kn.split("x"))
-                                    for kn in args.kernel_shapes.split(",")], (1, 32),
-                             SWEEP_WIDE)
+                kernel_bench(True, shapes or [(2048, 8192), (2048, 2048)], (1, 32), SWEEP_WIDE)
             else:
-                kernel_bench(args.sweep)
+                kernel_bench(args.sweep, shapes, tuple(int(v) for v in args.kernel_rows.split(",")))
         if args.large_m:
             large_m_bench(args.large_m)
         if args.layer:

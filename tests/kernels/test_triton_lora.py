@@ -115,7 +115,8 @@ def test_lora_matmul_matches_float64(dev, dtype, limit, M, K, N, r):
 @kernel_test
 @pytest.mark.parametrize("dtype,limit", DTYPES)
 @pytest.mark.parametrize("fused", [True, False])
-def test_bgmv_matmul_matches_the_per_adapter_loop(dev, dtype, limit, fused):
+@pytest.mark.parametrize("layout", ["gather", "concat"])
+def test_bgmv_matmul_matches_the_per_adapter_loop(dev, dtype, limit, fused, layout):
     g = torch.Generator().manual_seed(4)
     M, K, N, ranks, scales = 9, 80, 40, (4, 16, 8), [1.0, 2.0, 0.5]
     As = [_rand(g, r, K, std=0.3) for r in ranks]
@@ -128,8 +129,12 @@ def test_bgmv_matmul_matches_the_per_adapter_loop(dev, dtype, limit, fused):
                               scales, dtype)
     idx = torch.tensor([k if k >= 0 else len(As) for k in rows], dtype=torch.int32,
                        device=dev)
+    b_concat = triton_lora.concat_layout(b_st) if layout == "concat" else None
+    if b_concat is not None:  # adapter e's column k is row e r_max + k
+        assert b_concat.shape == (3 * 16, N)
+        assert torch.equal(b_concat[16 + 3], b_st[1, :, 3])
     y = triton_lora.bgmv_matmul(x.to(dev, dtype), W.to(dev, dtype), b.to(dev, dtype), a_st,
-                                b_st, idx, fused=fused)
+                                b_st, idx, fused=fused, b_concat=b_concat)
     assert _rel(y, ref) < limit
     # every semaphore is back at zero for the next launch (or the next graph replay)
     for cnt in triton_lora._COUNTERS.values():
@@ -167,9 +172,11 @@ def test_lora_linear_inference_takes_the_kernel_for_few_rows(dev, monkeypatch):
 
 
 @kernel_test
-def test_model_decode_paths_equal_the_plain_path(dev, monkeypatch):
+@pytest.mark.parametrize("bgmv", ["1", "concat"])
+def test_model_decode_paths_equal_the_plain_path(dev, monkeypatch, bgmv):
     """A tiny Llama, one adapter and a mixed batch of two adapters plus base rows, a few
     tokens per row: the Triton paths give the plain path's logits (float32)."""
+    monkeypatch.setenv("DELTATUNE_TRITON_BGMV", bgmv)
     calls = _count_calls(monkeypatch)
     dm = dt.attach(tiny_llama(), dt.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"),
                    name="a")
@@ -199,13 +206,16 @@ def test_kernels_replay_inside_a_cuda_graph(dev):
         d, torch.bfloat16)
     a_st, b_st = stack_padded([A, A * 2], [B, B], [1.0, 0.5], torch.bfloat16)
     idx = torch.tensor([0, 1, 2, 0], dtype=torch.int32, device=d)
+    b_cat = triton_lora.concat_layout(b_st)
     triton_lora.lora_matmul(x, W, None, A, B, 2.0)
     triton_lora.bgmv_matmul(x, W, None, a_st, b_st, idx)
+    triton_lora.bgmv_matmul(x, W, None, a_st, b_st, idx, fused=True, b_concat=b_cat)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y1, _ = triton_lora.lora_matmul(x, W, None, A, B, 2.0)
         y2 = triton_lora.bgmv_matmul(x, W, None, a_st, b_st, idx)
+        y3 = triton_lora.bgmv_matmul(x, W, None, a_st, b_st, idx, fused=True, b_concat=b_cat)
     for _ in range(3):  # replays reuse the semaphores: each must leave them at zero
         x.copy_(_rand(g, 4, 512).to(d, torch.bfloat16))
         graph.replay()
@@ -215,4 +225,4 @@ def test_kernels_replay_inside_a_cuda_graph(dev):
         ref2 = multi_lora_reference(x.double(), base, [0, 1, -1, 0],
                                     [A.double(), 2 * A.double()], [B.double(), B.double()],
                                     [1.0, 0.5])
-        assert _rel(y1, ref1) < 1e-2 and _rel(y2, ref2) < 1e-2
+        assert _rel(y1, ref1) < 1e-2 and _rel(y2, ref2) < 1e-2 and _rel(y3, ref2) < 1e-2

@@ -40,17 +40,20 @@ def bgmv_shrink_kernel(x_ptr, a_ptr, idx_ptr, hws_ptr, K, R, k_per,
 @triton.jit
 def lora_mm_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, h_ptr, idx_ptr, y_ptr,
                    ws_ptr, cnt_ptr,
-                   M, N, K, R, scale, k_split, n_shrink, k_shrink,
+                   M, N, K, R, RT, scale, k_split, n_shrink, k_shrink,
                    s_xm, s_xk, s_wn, s_wk, s_ae, s_ar, s_ak, s_be, s_bn, s_br,
                    s_hs, s_hm, s_hr, s_ym, s_yn,
                    MODE: tl.constexpr, STORE_H: tl.constexpr, HAS_BIAS: tl.constexpr,
                    PREC: tl.constexpr, H_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr,
                    FUSED_SHRINK: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
+                   BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, CHUNK_R: tl.constexpr):
     # MODE 0: h = x A^T in the K loop; 1: h given (M, R); 2: one adapter per row, h as
     # H_SPLIT partial sums (H_SPLIT, M, R) float32 and B gathered by idx (scale folded
-    # into B). SPLIT_K > 1: each output tile's K range is split over SPLIT_K programs,
+    # into B); 3: as 2, but B is every adapter's (RT = adapters x R, N) side by side and
+    # the expand is a dense product over RT in CHUNK_R slices, each row's h placed in its
+    # own adapter's columns (zeros elsewhere). SPLIT_K > 1: each output tile's K range is
+    # split over SPLIT_K programs,
     # which leave float32 partials in ws; the last to finish (counted in cnt) sums them.
     # FUSED_SHRINK (MODE 2): the first n_shrink programs to start compute the partial h
     # (rows x H_SPLIT), the others wait for them before their epilogue. Roles go by an
@@ -139,12 +142,29 @@ def lora_mm_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, h_ptr, idx_ptr, y_ptr,
                     while ready < n_shrink:
                         ready = tl.atomic_add(cnt_ptr + 1, 0, sem="acquire")
                     tl.debug_barrier()
-                hg = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-                for s in range(H_SPLIT):
-                    hg += tl.load(h_ptr + s * s_hs + rm[:, None] * s_hm + rr[None, :],
-                                  mask=mask_m[:, None] & mask_r[None, :], other=0.0,
-                                  cache_modifier=".cg")
-                acc += tl.sum(hg[:, :, None] * b3.to(tl.float32), axis=1)
+                if MODE == 2:
+                    hg = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+                    for s in range(H_SPLIT):
+                        hg += tl.load(h_ptr + s * s_hs + rm[:, None] * s_hm + rr[None, :],
+                                      mask=mask_m[:, None] & mask_r[None, :], other=0.0,
+                                      cache_modifier=".cg")
+                    acc += tl.sum(hg[:, :, None] * b3.to(tl.float32), axis=1)
+                else:
+                    own = tl.load(idx_ptr + rm, mask=mask_m, other=-1)
+                    rc = tl.arange(0, CHUNK_R)
+                    for c0 in range(0, RT, CHUNK_R):
+                        cols = c0 + rc
+                        mask_c = cols < RT
+                        sel = ((own[:, None] == (cols // R)[None, :]) & mask_m[:, None]
+                               & mask_c[None, :])
+                        hc = tl.zeros((BLOCK_M, CHUNK_R), dtype=tl.float32)
+                        for s in range(H_SPLIT):
+                            hc += tl.load(h_ptr + s * s_hs + rm[:, None] * s_hm
+                                          + (cols % R)[None, :], mask=sel, other=0.0,
+                                          cache_modifier=".cg")
+                        bt = tl.load(b_ptr + cols[:, None] * s_br + rn[None, :] * s_bn,
+                                     mask=mask_c[:, None] & mask_n[None, :], other=0.0)
+                        acc = tl.dot(hc.to(in_ty), bt, acc, input_precision=PREC)
                 if FUSED_SHRINK:
                     tl.debug_barrier()
                     done = tl.atomic_add(cnt_ptr + 2, 1, sem="acq_rel")

@@ -206,10 +206,14 @@ class AdapterBank:
         As, Bs, cache = self._prepare(names, As, Bs, scales, x, keys)
         if not cache or not triton_lora.supports(x, weight, max(A.shape[0] for A in As)):
             return None
-        if "bgmv" not in self._layouts:
+        layout = triton_lora.bgmv_layout()
+        if ("bgmv", layout) not in self._layouts:
             a_stack, b_stack = stack_padded(As, Bs, scales, x.dtype)
-            self._layouts["bgmv"] = (a_stack, triton_lora.expand_layout(b_stack))
-        a_stack, b_stack = self._layouts["bgmv"]
+            self._layouts["bgmv", layout] = (a_stack, triton_lora.expand_layout(b_stack) if
+                                             layout == "gather" else b_stack,
+                                             triton_lora.concat_layout(b_stack) if
+                                             layout == "concat" else None)
+        a_stack, b_stack, b_concat = self._layouts["bgmv", layout]
         rows = tuple(row_adapter)
         if len(self._rows) > 64:
             self._rows.clear()
@@ -220,7 +224,7 @@ class AdapterBank:
                 [k for k in per_row for _ in range(tokens)], dtype=torch.int32,
                 device=x.device)
         y = triton_lora.bgmv_matmul(x.reshape(total, d_in), weight, bias, a_stack, b_stack,
-                                    self._rows["tokens", rows, tokens])
+                                    self._rows["tokens", rows, tokens], b_concat=b_concat)
         return y.view(*x.shape[:-1], weight.shape[0])
 
     def _apply(self, As, Bs, scales, rows: tuple, x: torch.Tensor, y: torch.Tensor,

@@ -100,12 +100,18 @@ def for_graphs() -> Iterator[None]:
 
 
 def bgmv_enabled() -> bool:
-    """True when mixed-adapter batches take :func:`bgmv_matmul` (``DELTATUNE_TRITON_BGMV=1``).
+    """True when mixed-adapter batches take :func:`bgmv_matmul` (``DELTATUNE_TRITON_BGMV``
+    is ``1``: per-row B gathered in the epilogue, or ``concat``: see :func:`bgmv_layout`).
 
     Off by default: on an H200 the cuBLAS concatenated path of
     :mod:`deltatune.kernels.multi_lora` was faster at most Llama shapes (docs/performance.md).
     """
-    return os.environ.get("DELTATUNE_TRITON_BGMV", "0") == "1"
+    return os.environ.get("DELTATUNE_TRITON_BGMV", "0") in ("1", "concat")
+
+
+def bgmv_layout() -> str:
+    """``concat`` (the expand through every adapter side by side) or ``gather``."""
+    return "concat" if os.environ.get("DELTATUNE_TRITON_BGMV") == "concat" else "gather"
 
 
 def available(x: torch.Tensor | None = None) -> bool:
@@ -238,10 +244,13 @@ def _index_dummy(device: torch.device) -> torch.Tensor:
 
 def _launch(x, weight, bias, a, b, h, idx, y, M, N, K, r, scale, a_strides, b_strides,
             h_strides, mode: int, store_h: bool, h_split: int = 1, n_shrink: int = 0,
-            k_shrink: int = 0, fused_shrink: bool = False) -> None:
-    """Launch the matmul kernel with this problem's configuration (split-K when it pays)."""
+            k_shrink: int = 0, fused_shrink: bool = False, rt: int = 0) -> None:
+    """Launch the matmul kernel with this problem's configuration (split-K when it pays).
+
+    ``rt``: mode 3's concatenated rank (adapters x r)."""
     triton, _, kernels = _triton()
     cfg = dict(_OVERRIDE or _config(M, N, K))
+    cfg["CHUNK_R"] = 16 if interpreted() else 64
     if mode == 2 and not _OVERRIDE and not interpreted():
         # each program holds its rows' B tiles (16 x r x 64) in registers: 8 warps
         cfg["BLOCK_M"], cfg["num_warps"] = 16, 8
@@ -262,7 +271,7 @@ def _launch(x, weight, bias, a, b, h, idx, y, M, N, K, r, scale, a_strides, b_st
         x, weight, bias if bias is not None else x, a, b, h if h is not None else x,
         idx if idx is not None else _index_dummy(x.device), y, ws,
         cnt if cnt is not None else x,
-        M, N, K, r, float(scale), k_split, n_shrink if fused_shrink else 0, k_shrink,
+        M, N, K, r, rt or r, float(scale), k_split, n_shrink if fused_shrink else 0, k_shrink,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), *a_strides, *b_strides,
         *h_strides, y.stride(0), y.stride(1),
         MODE=mode, STORE_H=store_h, HAS_BIAS=bias is not None, PREC=_precision(x),
@@ -317,9 +326,19 @@ def expand_layout(b_stack: torch.Tensor) -> torch.Tensor:
     return b_stack.transpose(1, 2).contiguous().transpose(1, 2)
 
 
+def concat_layout(b_stack: torch.Tensor) -> torch.Tensor:
+    """Return the adapters of ``b_stack`` (E + 1, N, r) side by side as (E r, N).
+
+    The last entry (all zeros: the base model's rows) is left out; row ``e r + k`` holds
+    adapter e's B column k. :func:`bgmv_matmul` with ``b_concat`` expands through it.
+    """
+    return b_stack[:-1].permute(0, 2, 1).reshape(-1, b_stack.shape[1]).contiguous()
+
+
 def bgmv_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 a_stack: torch.Tensor, b_stack: torch.Tensor, index: torch.Tensor, *,
-                fused: bool | None = None) -> torch.Tensor:
+                fused: bool | None = None, b_concat: torch.Tensor | None = None
+                ) -> torch.Tensor:
     """Return x W^T + b plus row m's s_e (x_m A_e^T) B_e^T with e = ``index[m]``.
 
     ``a_stack`` (E, r, K) and ``b_stack`` (E, N, r) hold every adapter (any strides; a
@@ -330,6 +349,9 @@ def bgmv_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     launch (``fused``: the shrink runs in the same grid, ahead of the matmul's epilogue)
     or two (a separate shrink kernel first); by default fused for K >= 8192, where it
     measured faster on an H200 (two launches were faster at K = 2048-4096).
+    With ``b_concat`` (:func:`concat_layout` of ``b_stack``) the epilogue expands by a
+    dense product over every adapter's columns, each row's h placed in its own
+    adapter's slice, instead of gathering each row's B (``b_stack`` is then not read).
     """
     kern = _triton()
     assert kern is not None, "triton is not available"
@@ -351,13 +373,19 @@ def bgmv_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
             x.stride(0), x.stride(1), a_stack.stride(0), a_stack.stride(1), a_stack.stride(2),
             h.stride(0), h.stride(1), BLOCK_K=block_k, BLOCK_R=block_r, num_warps=4)
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    _launch(x, weight, bias, a_stack, b_stack, h, index, y, M, N, K, r, 1.0,
-            a_stack.stride(), b_stack.stride(), h.stride(), mode=2, store_h=False,
-            h_split=split, n_shrink=M * split, k_shrink=per, fused_shrink=fused)
+    if b_concat is not None:
+        b_arg, b_strides = b_concat, (0, b_concat.stride(1), b_concat.stride(0))
+    else:
+        b_arg, b_strides = b_stack, b_stack.stride()
+    _launch(x, weight, bias, a_stack, b_arg, h, index, y, M, N, K, r, 1.0,
+            a_stack.stride(), b_strides, h.stride(), mode=3 if b_concat is not None else 2,
+            store_h=False, h_split=split, n_shrink=M * split, k_shrink=per,
+            fused_shrink=fused, rt=b_concat.shape[0] if b_concat is not None else 0)
     return y
 
 
-__all__ = ["MAX_RANK", "SMALL_M", "available", "bgmv_enabled", "bgmv_matmul", "expand_layout",
+__all__ = ["MAX_RANK", "SMALL_M", "available", "bgmv_enabled", "bgmv_layout", "bgmv_matmul",
+           "concat_layout", "expand_layout",
            "for_graphs", "interpreted", "pays",
            "lora_matmul",
            "set_config_override", "supports"]
