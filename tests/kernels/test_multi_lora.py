@@ -58,12 +58,17 @@ def test_bank_rebuilds_when_an_adapter_changes_in_place():
     x = torch.randn(3, 16, 12, dtype=torch.float64)
     y = torch.zeros(3, 16, 10, dtype=torch.float64)
     first = bank.apply(["a", "b", "c"], As, Bs, scales, rows, x, y.clone())
+    held = [id(t) for layout in bank._layouts.values() for t in layout
+            if isinstance(t, torch.Tensor)]
     with torch.no_grad():
         Bs[1].mul_(3.0)
     second = bank.apply(["a", "b", "c"], As, Bs, scales, rows, x, y.clone())
     ref = multi_lora_reference(x, y, rows, As, Bs, scales)
     assert _rel(second, ref) < 1e-12
     assert not torch.allclose(first[1], second[1])
+    # rewritten in place, not rebuilt: a captured graph holding them sees the new values
+    assert [id(t) for layout in bank._layouts.values() for t in layout
+            if isinstance(t, torch.Tensor)] == held
 
 
 def test_gradients_flow_through_the_batched_layouts():
@@ -133,3 +138,60 @@ def test_replacing_an_adapter_under_the_same_name_is_not_served_from_the_cache()
     with torch.no_grad(), fast_path("off"):
         ref = dm(input_ids=ids, delta_names=names).logits
     assert _rel(fast, ref) < 1e-5
+
+
+def _layout_tensors(bank: AdapterBank) -> list[torch.Tensor]:
+    return [t for layout in bank._layouts.values() for t in layout
+            if isinstance(t, torch.Tensor)]
+
+
+@pytest.mark.parametrize("length", [1, 12])  # the concatenated and the padded layout
+def test_refresh_rewrites_the_cached_layouts_in_place(length):
+    # what a captured decode graph needs after an in-place adapter switch: the same
+    # tensors (the graph reads them where they are), now holding the new values
+    from deltatune.kernels.multi_lora import refresh_layouts
+
+    dm = _three_adapters()
+    ids = token_batch(3, length)
+    names = ["a", "c", "b"]
+    with torch.no_grad(), fast_path("on"):
+        dm(input_ids=ids, delta_names=names)  # fills the caches
+    banks = [m.__dict__["_lora_bank"] for m in dm.model.modules()
+             if "_lora_bank" in m.__dict__]
+    assert banks
+    before = [[t.data_ptr() for t in _layout_tensors(b)] for b in banks]
+    assert refresh_layouts(dm) == 0  # nothing changed yet
+    other = {k: v * 1.5 + 0.01 for k, v in dm.delta_state_dict("a").items()}
+    dm.load_delta_state_dict(other, "a")  # "a" is on every linear layer
+    assert refresh_layouts(dm) == len(banks)
+    assert [[t.data_ptr() for t in _layout_tensors(b)] for b in banks] == before
+    # each rewritten layout equals one built afresh from the new adapters
+    bank = banks[0]
+    n = len(bank._tensors) // 2
+    for kind, layout in bank._layouts.items():
+        fresh = bank._build(kind, bank._tensors[:n], bank._tensors[n:], list(bank._key[4]),
+                            bank._key[2])
+        for old, new in zip(layout, fresh):
+            if isinstance(old, torch.Tensor):
+                assert torch.equal(old, new)
+    with torch.no_grad(), fast_path("on"):
+        fast = dm(input_ids=ids, delta_names=names).logits
+    with torch.no_grad(), fast_path("off"):
+        ref = dm(input_ids=ids, delta_names=names).logits
+    assert _rel(fast, ref) < 1e-5
+    assert [[t.data_ptr() for t in _layout_tensors(b)] for b in banks] == before  # no rebuild
+
+
+def test_refresh_drops_a_cache_whose_adapters_moved():
+    from deltatune.kernels.multi_lora import refresh_layouts
+
+    dm = _three_adapters()
+    ids = token_batch(3, 1)
+    with torch.no_grad(), fast_path("on"):
+        dm(input_ids=ids, delta_names=["a", "b", "c"])
+    for p in dm.get_delta("b").parameters():
+        p.data = p.data.clone()  # new storage: a captured graph cannot follow
+    assert refresh_layouts(dm) == 0
+    banks = [m.__dict__["_lora_bank"] for m in dm.model.modules()
+             if "_lora_bank" in m.__dict__]
+    assert all(not b._layouts for b in banks)

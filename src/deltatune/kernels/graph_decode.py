@@ -7,9 +7,12 @@ a captured graph removes that overhead for the base model, the merged model and 
 
 Switching adapters does not recapture: the graph reads the delta tensors where they live,
 so copying another adapter's weights into them (``DeltaModel.load_delta_state_dict``, an
-in-place ``copy_`` of same-shaped tensors) changes what the next replay computes. Changing
-the *set or shape* of tensors (another rank, attaching a delta, merging) needs a new
-:class:`GraphDecoder`. Row routing (``delta_names``) is fixed at capture time.
+in-place ``copy_`` of same-shaped tensors) changes what the next replay computes. Mixed
+batches read the adapters through cached side-by-side layouts
+(:class:`~deltatune.kernels.multi_lora.AdapterBank`); :meth:`GraphDecoder.generate`
+rewrites those in place first when the adapters changed. Changing the *set or shape* of
+tensors (another rank, attaching a delta, merging) needs a new :class:`GraphDecoder`. Row
+routing (``delta_names``) is fixed at capture time.
 
 The prompt's forward pass (prefill) is captured too, one graph per prompt length
 (``graph_prefill``): run eagerly it costs as much Python dispatch as a decode step and,
@@ -28,7 +31,7 @@ from typing import Any
 import torch
 
 from deltatune.core.errors import ConfigError
-from deltatune.kernels import triton_lora
+from deltatune.kernels import multi_lora, triton_lora
 
 
 class GraphDecoder:
@@ -164,6 +167,8 @@ class GraphDecoder:
                               f"max_len {self.max_len}): build one with those sizes",
                               field="input_ids")
         self.cache.reset()
+        # mixed batches: adapters switched in place since the last call reach the graphs
+        multi_lora.refresh_layouts(self.model)
         first = self._prefill(input_ids)
         out = [first]
         self.ids.copy_(first.view(-1, 1))

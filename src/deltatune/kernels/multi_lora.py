@@ -146,11 +146,65 @@ class AdapterBank:
         self._layouts: dict[str, tuple] = {}
         self._rows: dict[tuple, torch.Tensor] = {}
 
-    def _valid(self, key: tuple) -> bool:
-        if key != self._key:
-            return False
+    @staticmethod
+    def _build(kind, As, Bs, scales, dtype: torch.dtype) -> tuple:
+        """Return the layout ``kind`` of these adapters (a tuple holding tensors)."""
+        if kind == "concat":
+            return stack_concat(As, Bs, scales, dtype)
+        a_stack, b_stack = stack_padded(As, Bs, scales, dtype)
+        if kind == "padded":
+            return a_stack, b_stack
+        _, layout = kind  # ("bgmv", "gather" | "concat")
+        if layout == "gather":
+            return a_stack, triton_lora.expand_layout(b_stack), None
+        return a_stack, b_stack, triton_lora.concat_layout(b_stack)
+
+    def _sync(self) -> bool:
+        """Bring the cached layouts up to date; False when they must be rebuilt.
+
+        Values changed in place (an optimizer step, ``load_delta_state_dict``) are rewritten
+        into the same layout tensors, so anything holding them (a captured CUDA graph)
+        reads the new values; adapters that moved to other storage cannot be followed.
+        """
         ts = self._tensors
-        return self._state == ([t._version for t in ts], [t.data_ptr() for t in ts])
+        versions, pointers = [t._version for t in ts], [t.data_ptr() for t in ts]
+        if (versions, pointers) == self._state:
+            return True
+        if pointers != self._state[1]:
+            return False
+        n = len(ts) // 2
+        dtype, scales = self._key[2], list(self._key[4])
+        with torch.no_grad():
+            for kind, layout in self._layouts.items():
+                fresh = self._build(kind, ts[:n], ts[n:], scales, dtype)
+                for old, new in zip(layout, fresh):
+                    if isinstance(old, torch.Tensor):
+                        old.copy_(new)
+        self._state = (versions, pointers)
+        return True
+
+    def refresh(self) -> bool:
+        """Rewrite the cached layouts in place if the adapters' values changed.
+
+        A captured CUDA graph reads these tensors where they are and runs no Python, so
+        the check an eager call makes never happens during a replay; the decoder calls this
+        before replaying (:class:`~deltatune.kernels.graph_decode.GraphDecoder`), which
+        makes an in-place adapter switch (``load_delta_state_dict``) reach mixed-batch
+        graphs too. Returns True when something was rewritten. Adapters that moved to
+        other storage (a new tensor) drop the cache instead: the next eager call rebuilds
+        it, and a graph captured on the old one needs a new decoder.
+        """
+        if self._key is None or not self._tensors:
+            return False
+        before = self._state
+        if not self._sync():
+            self._key = None
+            self._layouts.clear()
+            return False
+        return self._state != before
+
+    def _valid(self, key: tuple) -> bool:
+        return key == self._key and bool(self._tensors) and self._sync()
 
     def _prepare(self, names, As, Bs, scales, x: torch.Tensor, keys) -> tuple:
         """Return (As, Bs, cache): the adapter tensors and whether layouts may be cached."""
@@ -206,14 +260,10 @@ class AdapterBank:
         As, Bs, cache = self._prepare(names, As, Bs, scales, x, keys)
         if not cache or not triton_lora.supports(x, weight, max(A.shape[0] for A in As)):
             return None
-        layout = triton_lora.bgmv_layout()
-        if ("bgmv", layout) not in self._layouts:
-            a_stack, b_stack = stack_padded(As, Bs, scales, x.dtype)
-            self._layouts["bgmv", layout] = (a_stack, triton_lora.expand_layout(b_stack) if
-                                             layout == "gather" else b_stack,
-                                             triton_lora.concat_layout(b_stack) if
-                                             layout == "concat" else None)
-        a_stack, b_stack, b_concat = self._layouts["bgmv", layout]
+        kind = ("bgmv", triton_lora.bgmv_layout())
+        if kind not in self._layouts:
+            self._layouts[kind] = self._build(kind, As, Bs, scales, x.dtype)
+        a_stack, b_stack, b_concat = self._layouts[kind]
         rows = tuple(row_adapter)
         if len(self._rows) > 64:
             self._rows.clear()
@@ -235,13 +285,13 @@ class AdapterBank:
             row_cache.clear()
         if tokens <= DECODE_TOKENS:
             if "concat" not in layouts:
-                layouts["concat"] = stack_concat(As, Bs, scales, x.dtype)
+                layouts["concat"] = self._build("concat", As, Bs, scales, x.dtype)
             a_cat, b_cat, offsets = layouts["concat"]
             if ("mask", rows) not in row_cache:
                 row_cache["mask", rows] = concat_mask(rows, offsets, x.dtype, x.device)
             return multi_lora_concat(x, y, row_cache["mask", rows], a_cat, b_cat)
         if "padded" not in layouts:
-            layouts["padded"] = stack_padded(As, Bs, scales, x.dtype)
+            layouts["padded"] = self._build("padded", As, Bs, scales, x.dtype)
         a_stack, b_stack = layouts["padded"]
         if ("index", rows) not in row_cache:
             base_entry = len(As)
@@ -250,5 +300,16 @@ class AdapterBank:
         return multi_lora_gathered(x, y, row_cache["index", rows], a_stack, b_stack)
 
 
+def refresh_layouts(model: torch.nn.Module) -> int:
+    """Rewrite in place the cached mixed-batch layouts of every layer of ``model`` whose
+    adapters changed (:meth:`AdapterBank.refresh`); returns how many were rewritten."""
+    count = 0
+    for module in model.modules():
+        bank = module.__dict__.get("_lora_bank")
+        if isinstance(bank, AdapterBank):
+            count += bank.refresh()
+    return count
+
+
 __all__ = ["AdapterBank", "concat_mask", "multi_lora_concat", "multi_lora_gathered",
-           "multi_lora_reference", "stack_concat", "stack_padded"]
+           "multi_lora_reference", "refresh_layouts", "stack_concat", "stack_padded"]
