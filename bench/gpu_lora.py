@@ -79,25 +79,26 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def time_once(fn) -> float:
+    """Seconds of one ``fn()``: CUDA events on a GPU, the wall clock otherwise."""
+    if torch.cuda.is_available():
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def timeit(fn, reps: int, warmup: int = 2) -> float:
     """Median seconds of ``fn()`` over ``reps`` runs after ``warmup`` runs."""
     for _ in range(warmup):
         fn()
     sync()
-    times = []
-    for _ in range(reps):
-        if torch.cuda.is_available():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(time_once(fn) for _ in range(reps))
 
 
 def peak_reset() -> None:
@@ -793,17 +794,7 @@ def time_step(dec, reps: int) -> float:
     for i in range(reps + 2):
         restore()
         sync()
-        t0 = time.perf_counter()
-        if torch.cuda.is_available():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            replay()
-            end.record()
-            end.synchronize()
-            sec = start.elapsed_time(end) / 1e3
-        else:
-            replay()
-            sec = time.perf_counter() - t0
+        sec = time_once(replay)
         if i >= 2:
             times.append(sec)
     restore()
