@@ -125,3 +125,35 @@ def test_mixed_batch_layouts_keep_their_tensors_across_a_switch():
     assert torch.equal(got, want) and not torch.equal(got, before)
     assert [id(t) for b in banks for lay in b._layouts.values() for t in lay
             if isinstance(t, torch.Tensor)] == held
+
+
+def test_eos_stops_rows_and_decoding_as_hf_generate_does():
+    dm = _model()
+    ids = torch.randint(3, 128, (3, 5), generator=torch.Generator().manual_seed(1))
+    free = GraphDecoder(dm, 3, 40).generate(ids, 30)
+    # an EOS that row 0 produces early and some other row later or never
+    eos = int(free[0, 2])
+    kw = dict(max_new_tokens=30, do_sample=False, pad_token_id=0, eos_token_id=eos)
+    want = dm.generate(ids, attention_mask=torch.ones_like(ids), **kw)[:, ids.shape[1]:]
+    gd = GraphDecoder(dm, 3, 40, eos_token_id=eos, pad_token_id=0)
+    got = gd.generate(ids, 30)
+    assert torch.equal(got, want)
+    assert got[0, 2] == eos and (got[0, 3:] == 0).all()  # padded after its EOS
+    # a second call starts every row afresh
+    assert torch.equal(gd.generate(ids, 30), want)
+    # every row finishing stops decoding early: the result ends where the last one did
+    same = ids[:1].repeat(3, 1)  # identical rows finish together
+    eos = int(GraphDecoder(dm, 3, 40).generate(same, 30)[0, 3])
+    got = GraphDecoder(dm, 3, 40, eos_token_id=eos).generate(same, 30)
+    want = dm.generate(same, attention_mask=torch.ones_like(same), **{**kw, "eos_token_id": eos})
+    assert got.shape[1] <= 4 and torch.equal(got, want[:, same.shape[1]:])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_with_eos_equals_eager():
+    dm = _model().cuda()
+    ids = torch.randint(3, 128, (4, 6), generator=torch.Generator().manual_seed(2)).cuda()
+    eos = int(GraphDecoder(dm, 4, 40).generate(ids, 20)[1, 4])
+    want = GraphDecoder(dm, 4, 40, use_graph=False, eos_token_id=eos).generate(ids, 20)
+    gd = GraphDecoder(dm, 4, 40, eos_token_id=eos)
+    assert torch.equal(gd.generate(ids, 20), want) and torch.equal(gd.generate(ids, 20), want)

@@ -39,14 +39,20 @@ class GraphDecoder:
 
     ``forward_kwargs`` go to every forward call (e.g. ``delta_names`` for a mixed batch).
     ``graph_prefill`` (default True) replays the prompt's forward pass from a graph as
-    well, one per prompt length seen. :attr:`captures` counts graph captures: one for
-    the decode step plus one per prompt length, however many sequences are decoded and
-    however many times the adapter weights are swapped in place.
+    well, one per prompt length seen. With ``eos_token_id`` a row that produced it gets
+    ``pad_token_id`` afterwards and decoding stops once every row has finished (checked
+    every :attr:`CHECK_EVERY` steps, to keep host synchronisations rare), as Hugging
+    Face ``generate`` does. :attr:`captures` counts graph captures: one for the decode
+    step plus one per prompt length, however many sequences are decoded and however many
+    times the adapter weights are swapped in place.
     """
+
+    CHECK_EVERY = 8
 
     def __init__(self, model: torch.nn.Module, batch: int, max_len: int, *,
                  use_graph: bool | None = None, graph_prefill: bool = True,
-                 forward_kwargs: dict[str, Any] | None = None) -> None:
+                 forward_kwargs: dict[str, Any] | None = None,
+                 eos_token_id: int | None = None, pad_token_id: int = 0) -> None:
         from transformers import StaticCache
 
         self.model = model
@@ -62,6 +68,8 @@ class GraphDecoder:
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self.next = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.eos, self.pad = eos_token_id, pad_token_id
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_prefill = graph_prefill
         # prompt length -> (graph, prompt buffer, first-token buffer, positions); the graph
@@ -77,9 +85,17 @@ class GraphDecoder:
                          use_cache=True, logits_to_keep=1, **self.kwargs)
         return out.logits[:, -1]
 
+    def _finish(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens`` with finished rows padded; marks rows that just produced EOS."""
+        if self.eos is None:
+            return tokens
+        tokens = torch.where(self.finished, self.pad, tokens)
+        self.finished |= tokens == self.eos
+        return tokens
+
     def _step(self) -> None:
         # argmax on the device into a fixed buffer: nothing leaves the graph
-        self.next.copy_(self._forward(self.ids, self.pos).argmax(-1))
+        self.next.copy_(self._finish(self._forward(self.ids, self.pos).argmax(-1)))
 
     def _counters(self) -> list[torch.Tensor]:
         # recent transformers keep each static layer's fill level in a device tensor that
@@ -96,7 +112,7 @@ class GraphDecoder:
         rewrites; the fill counters they advanced are put back in place (the graphs read
         these tensors).
         """
-        counters = self._counters()
+        counters = [*self._counters(), self.finished]
         saved = [c.clone() for c in counters]
         cuda = self.device.type == "cuda"
         stream = torch.cuda.Stream() if cuda else None
@@ -152,7 +168,10 @@ class GraphDecoder:
     def generate(self, input_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
         """Return the ``new_tokens`` greedy tokens after ``input_ids`` (batch, new_tokens).
 
-        All rows share the prompt length (no padding). The first call captures the graph.
+        With an ``eos_token_id`` the result is shorter when every row finished earlier: it
+        ends at the step where the last row produced EOS (rows that finished before are
+        padded). All rows share the prompt length (no padding). The first call captures
+        the graph.
         Adapted linears take the fused Triton kernels here (on CUDA, with triton), in the
         eager warm-up that compiles them and in the captured steps alike.
         """
@@ -167,12 +186,16 @@ class GraphDecoder:
                               f"max_len {self.max_len}): build one with those sizes",
                               field="input_ids")
         self.cache.reset()
+        self.finished.zero_()
         # mixed batches: adapters switched in place since the last call reach the graphs
         multi_lora.refresh_layouts(self.model)
-        first = self._prefill(input_ids)
+        first = self._finish(self._prefill(input_ids))
         out = [first]
         self.ids.copy_(first.view(-1, 1))
         for i in range(new_tokens - 1):
+            if self.eos is not None and i % self.CHECK_EVERY == 0 and bool(
+                    self.finished.all()):
+                break
             self.pos.fill_(length + i)
             if not self._warmed:
                 self._warm_up()
@@ -184,7 +207,12 @@ class GraphDecoder:
                 self._step()
             out.append(self.next.clone())
             self.ids.copy_(self.next.view(-1, 1))
-        return torch.stack(out, 1)
+        tokens = torch.stack(out, 1)
+        if self.eos is not None and bool(self.finished.all()):
+            # up to the step where the last row finished (later steps are all padding)
+            end = int((tokens == self.eos).int().argmax(1).max()) + 1
+            tokens = tokens[:, :end]
+        return tokens
 
 
 __all__ = ["GraphDecoder"]
