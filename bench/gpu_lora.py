@@ -775,20 +775,18 @@ def at_same_position(dec, fn):
     past the cache; restored (a device-to-device copy per layer) it decodes the same
     position each time.
     """
-    counters = dec._counters()
-    saved = [c.clone() for c in counters]
+    restore = dec.restore_point()
 
     def again() -> None:
-        for c, v in zip(counters, saved):
-            c.copy_(v)
+        restore()
         fn()
     return again
 
 
 def time_step(dec, reps: int) -> float:
     """Median seconds of one decode step of ``dec`` (its graph replayed; eager on the CPU),
-    the counter reset of :func:`at_same_position` outside the timed region."""
-    restore = at_same_position(dec, lambda: None)
+    the counter reset outside the timed region."""
+    restore = dec.restore_point()
     replay = dec.graph.replay if dec.graph is not None else torch.no_grad()(dec._step)
     times = []
     for i in range(reps + 2):

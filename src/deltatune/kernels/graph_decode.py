@@ -103,6 +103,18 @@ class GraphDecoder:
         return [c for layer in getattr(self.cache, "layers", [])
                 if isinstance(c := getattr(layer, "cumulative_length", None), torch.Tensor)]
 
+    def restore_point(self):
+        """Return a function that puts the cache's fill counters and the finished-row
+        flags back to their values now (a step repeated after it decodes the same
+        position again: the warm-up here, the bench's timing of one step)."""
+        state = [*self._counters(), self.finished]
+        saved = [t.clone() for t in state]
+
+        def restore() -> None:
+            for t, v in zip(state, saved):
+                t.copy_(v)
+        return restore
+
     def _warm_up(self, step=None) -> None:
         """Run ``step`` (default: one decode step) twice and undo its effect on the cache.
 
@@ -112,8 +124,7 @@ class GraphDecoder:
         rewrites; the fill counters they advanced are put back in place (the graphs read
         these tensors).
         """
-        counters = [*self._counters(), self.finished]
-        saved = [c.clone() for c in counters]
+        restore = self.restore_point()
         cuda = self.device.type == "cuda"
         stream = torch.cuda.Stream() if cuda else None
         if cuda:
@@ -121,8 +132,7 @@ class GraphDecoder:
         with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
             for _ in range(2):
                 (step or self._step)()
-                for c, v in zip(counters, saved):
-                    c.copy_(v)
+                restore()
         if cuda:
             torch.cuda.current_stream().wait_stream(stream)
         if step is None:
@@ -135,11 +145,12 @@ class GraphDecoder:
         this prompt length (warmed up and captured on first sight of the length).
         """
         length = input_ids.shape[1]
-        prompt = torch.arange(length, device=self.device)
         if not (self.use_graph and self.graph_prefill):
+            prompt = torch.arange(length, device=self.device)
             return self._forward(input_ids.to(self.device), prompt).argmax(-1)
         entry = self._prefills.get(length)
         if entry is None:
+            prompt = torch.arange(length, device=self.device)
             ids = input_ids.to(self.device).clone()
             first = torch.zeros(self.batch, dtype=torch.long, device=self.device)
 
