@@ -442,6 +442,15 @@ def kernel_bench(sweep: bool, shapes: list[tuple[int, int]] | None = None,
                             _graph_time([lambda W=W, x=x, a=a_st, b=b_st, i=idx, f=fused,
                                          c=b_cat: tlr.bgmv_matmul(x, W, None, a, b, i, fused=f,
                                                                   b_concat=c) for W in Ws])
+                    # cuBLAS base, then the kernel adds only the LoRA term
+                    for fused in (False, True):
+                        for c in (None, b_cat):
+                            kind = "concat" if c is not None else "gather"
+                            launches = "fused" if fused else "2 launches"
+                            t[f"mixed-32 cuBLAS + triton add {kind} {launches}"] = _graph_time(
+                                [lambda W=W, x=x, a=a_st, b=b_st, i=idx, f=fused, c=c:
+                                 tlr.bgmv_matmul(x, None, None, a, b, i, fused=f, b_concat=c,
+                                                 out=F.linear(x, W)) for W in Ws])
                 base = t["merged (cuBLAS)"]
                 for name, sec in t.items():
                     record(name, K, N, M, sec, ratio_vs_merged=sec / base)
@@ -860,7 +869,9 @@ def graph_decode_bench(shape: str, decode_tokens: int, reps: int,
                 eager = GraphDecoder(net, b, max_len, forward_kwargs=kw, use_graph=False)
                 same = float((dec.generate(short[:b], decode_tokens) ==
                               eager.generate(short[:b], decode_tokens)).float().mean())
-                record(what, b, sec / decode_tokens, captures=dec.captures,
+                from deltatune.kernels.multi_lora import banks_of
+                groups = sum(bank._group is not None for bank in banks_of(net))
+                record(what, b, sec / decode_tokens, captures=dec.captures, shrink_groups=groups,
                        tokens_equal_eager=round(same, 4), step_ms=round(step * 1e3, 4),
                        eager_prefill_ms_per_token=round(sec_eager_prefill / decode_tokens
                                                         * 1e3, 4))
@@ -887,8 +898,17 @@ def graph_decode_bench(shape: str, decode_tokens: int, reps: int,
     for k in (4, 32):
         run(net, f"mixed-{k}", (32,), [names32[i % k] for i in range(32)])
     previous = os.environ.get("DELTATUNE_TRITON_BGMV")
-    os.environ["DELTATUNE_TRITON_BGMV"] = "concat"
-    run(net, "mixed-32 (triton concat)", (32,), [names32[i % 32] for i in range(32)])
+    # "mixed-32" above is the default (auto) choice per linear; each layout everywhere:
+    for layout in ("0", "concat", "add-gather", "add-concat"):
+        os.environ["DELTATUNE_TRITON_BGMV"] = layout
+        what = "mixed-32 (cuBLAS concat)" if layout == "0" else f"mixed-32 (triton {layout})"
+        run(net, what, (32,), [names32[i % 32] for i in range(32)])
+    os.environ["DELTATUNE_TRITON_BGMV"] = "auto"
+    # the prompt (16 tokens per row) through the gathered layout instead of concatenated
+    from deltatune.kernels import multi_lora
+    tokens_before, multi_lora.DECODE_TOKENS = multi_lora.DECODE_TOKENS, 8
+    run(net, "mixed-32 (gathered prompt)", (32,), [names32[i % 32] for i in range(32)])
+    multi_lora.DECODE_TOKENS = tokens_before
     if previous is None:
         os.environ.pop("DELTATUNE_TRITON_BGMV")
     else:
@@ -1018,8 +1038,12 @@ def summary() -> None:
                 f"{div(st('unmerged', 1), st('merged', 1)):.3f} b32 "
                 f"{div(st('unmerged', 32), st('merged', 32)):.3f} (<=1.10)  b32 mixed-32 "
                 f"throughput vs unmerged {div(st('unmerged', 32), st('mixed-32', 32)):.3f} "
-                f"(>=0.85), Triton concat "
-                f"{div(st('unmerged', 32), st('mixed-32 (triton concat)', 32)):.3f}")
+                f"(>=0.85), " + ", ".join(
+                    f"Triton {lay} "
+                    f"{div(st('unmerged', 32), st(f'mixed-32 (triton {lay})', 32)):.3f}"
+                    for lay in ("concat", "add-gather", "add-concat"))
+                + ", cuBLAS concat "
+                f"{div(st('unmerged', 32), st('mixed-32 (cuBLAS concat)', 32)):.3f}")
         if "deltatune" in fws:
             for fw in fws:
                 if fw == "deltatune":

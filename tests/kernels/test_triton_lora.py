@@ -72,6 +72,19 @@ def test_kernels_only_under_graph_decoding_by_default(monkeypatch):
         assert not triton_lora.available(x)
 
 
+def test_mixed_decode_layout_by_input_width(monkeypatch):
+    """Default: the cuBLAS base plus the Triton LoRA add up to BGMV_ADD_MAX_K inputs, the
+    cuBLAS concatenated path above (as measured); the variable forces a layout or none."""
+    monkeypatch.delenv("DELTATUNE_TRITON_BGMV", raising=False)
+    limit = triton_lora.BGMV_ADD_MAX_K
+    assert triton_lora.bgmv_layout(limit) == "add-gather"
+    assert triton_lora.bgmv_layout(limit + 1) is None
+    for value, layout in [("0", None), ("1", "gather"), ("concat", "concat"),
+                          ("add", "add-gather"), ("add-concat", "add-concat")]:
+        monkeypatch.setenv("DELTATUNE_TRITON_BGMV", value)
+        assert triton_lora.bgmv_layout(2 * limit) == layout
+
+
 DTYPES = [(torch.float32, 1e-5), (torch.float16, 1e-2)] + (
     [(torch.bfloat16, 1e-2)] if CUDA else [])
 
@@ -116,7 +129,8 @@ def test_lora_matmul_matches_float64(dev, dtype, limit, M, K, N, r):
 @pytest.mark.parametrize("dtype,limit", DTYPES)
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("layout", ["gather", "concat"])
-def test_bgmv_matmul_matches_the_per_adapter_loop(dev, dtype, limit, fused, layout):
+@pytest.mark.parametrize("base", ["in the kernel", "added to out"])
+def test_bgmv_matmul_matches_the_per_adapter_loop(dev, dtype, limit, fused, layout, base):
     g = torch.Generator().manual_seed(4)
     M, K, N, ranks, scales = 9, 80, 40, (4, 16, 8), [1.0, 2.0, 0.5]
     As = [_rand(g, r, K, std=0.3) for r in ranks]
@@ -133,8 +147,14 @@ def test_bgmv_matmul_matches_the_per_adapter_loop(dev, dtype, limit, fused, layo
     if b_concat is not None:  # adapter e's column k is row e r_max + k
         assert b_concat.shape == (3 * 16, N)
         assert torch.equal(b_concat[16 + 3], b_st[1, :, 3])
-    y = triton_lora.bgmv_matmul(x.to(dev, dtype), W.to(dev, dtype), b.to(dev, dtype), a_st,
-                                b_st, idx, fused=fused, b_concat=b_concat)
+    xd, Wd, bd = x.to(dev, dtype), W.to(dev, dtype), b.to(dev, dtype)
+    if base == "in the kernel":
+        y = triton_lora.bgmv_matmul(xd, Wd, bd, a_st, b_st, idx, fused=fused, b_concat=b_concat)
+    else:  # only the LoRA term, added in place to the base output
+        out = F.linear(xd, Wd, bd)
+        y = triton_lora.bgmv_matmul(xd, None, None, a_st, b_st, idx, fused=fused,
+                                    b_concat=b_concat, out=out)
+        assert y is out
     assert _rel(y, ref) < limit
     # every semaphore is back at zero for the next launch (or the next graph replay)
     for cnt in triton_lora._COUNTERS.values():
@@ -172,7 +192,7 @@ def test_lora_linear_inference_takes_the_kernel_for_few_rows(dev, monkeypatch):
 
 
 @kernel_test
-@pytest.mark.parametrize("bgmv", ["1", "concat"])
+@pytest.mark.parametrize("bgmv", ["1", "concat", "add", "add-concat"])
 def test_model_decode_paths_equal_the_plain_path(dev, monkeypatch, bgmv):
     """A tiny Llama, one adapter and a mixed batch of two adapters plus base rows, a few
     tokens per row: the Triton paths give the plain path's logits (float32)."""
@@ -197,6 +217,52 @@ def test_model_decode_paths_equal_the_plain_path(dev, monkeypatch, bgmv):
     assert _rel(one, ref_one) < 1e-5
 
 
+@kernel_test
+def test_layers_reading_one_input_share_one_shrink(dev, monkeypatch):
+    """q, k, v (and gate, up) read the same tensor: after one pass has shown it, the first
+    of them computes all their shrinks in one launch, and the logits stay the plain path's,
+    also after an in-place adapter switch (the shared stack is rewritten in place)."""
+    monkeypatch.setenv("DELTATUNE_TRITON_BGMV", "add")
+    dm = dt.attach(tiny_llama(), dt.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"),
+                   name="a")
+    dm.add("b", dt.LoraConfig(r=8, lora_alpha=8, target_modules="all-linear"))
+    randomize_deltas(dm, std=0.1)
+    dm.to(dev).eval()
+    ids, names = token_batch(3, 1).to(dev), ["a", None, "b"]
+    shrinks = {"n": 0}  # shrink launches
+    shrink, matmul = triton_lora.bgmv_shrink, triton_lora.bgmv_matmul
+
+    def counted_shrink(*a, **k):
+        shrinks["n"] += 1
+        return shrink(*a, **k)
+
+    def counted_matmul(*a, **k):
+        k["fused"] = False  # the shrink as its own launch (fused by default on CPU)
+        return matmul(*a, **k)
+
+    monkeypatch.setattr(triton_lora, "bgmv_shrink", counted_shrink)
+    monkeypatch.setattr(triton_lora, "bgmv_matmul", counted_matmul)
+
+    def both():
+        with torch.no_grad():
+            with fast_path("off"):
+                ref = dm(input_ids=ids, delta_names=names).logits
+            with fast_path("on"):
+                return dm(input_ids=ids, delta_names=names).logits, ref
+
+    got, ref = both()
+    assert shrinks["n"] == 14 and _rel(got, ref) < 1e-5  # 7 linears x 2 layers, alone
+    for _ in range(2):
+        shrinks["n"] = 0
+        got, ref = both()
+        # per layer: one for q/k/v, one for gate/up, o and down alone
+        assert shrinks["n"] == 8 and _rel(got, ref) < 1e-5
+    dm.load_delta_state_dict(dm.delta_state_dict("b"), "a")  # in place: a's values = b's
+    shrinks["n"] = 0
+    got, ref = both()
+    assert shrinks["n"] == 8 and _rel(got, ref) < 1e-5
+
+
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_kernels_replay_inside_a_cuda_graph(dev):
     d, g = torch.device("cuda"), torch.Generator().manual_seed(9)
@@ -216,6 +282,8 @@ def test_kernels_replay_inside_a_cuda_graph(dev):
         y1, _ = triton_lora.lora_matmul(x, W, None, A, B, 2.0)
         y2 = triton_lora.bgmv_matmul(x, W, None, a_st, b_st, idx)
         y3 = triton_lora.bgmv_matmul(x, W, None, a_st, b_st, idx, fused=True, b_concat=b_cat)
+        y4 = triton_lora.bgmv_matmul(x, None, None, a_st, b_st, idx, fused=True,
+                                     out=F.linear(x, W))
     for _ in range(3):  # replays reuse the semaphores: each must leave them at zero
         x.copy_(_rand(g, 4, 512).to(d, torch.bfloat16))
         graph.replay()
@@ -226,3 +294,4 @@ def test_kernels_replay_inside_a_cuda_graph(dev):
                                     [A.double(), 2 * A.double()], [B.double(), B.double()],
                                     [1.0, 0.5])
         assert _rel(y1, ref1) < 1e-2 and _rel(y2, ref2) < 1e-2 and _rel(y3, ref2) < 1e-2
+        assert _rel(y4, ref2) < 1e-2

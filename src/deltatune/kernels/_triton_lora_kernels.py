@@ -45,7 +45,7 @@ def lora_mm_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, h_ptr, idx_ptr, y_ptr,
                    s_hs, s_hm, s_hr, s_ym, s_yn,
                    MODE: tl.constexpr, STORE_H: tl.constexpr, HAS_BIAS: tl.constexpr,
                    PREC: tl.constexpr, H_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr,
-                   FUSED_SHRINK: tl.constexpr,
+                   FUSED_SHRINK: tl.constexpr, BASE: tl.constexpr, ACCUMULATE: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, CHUNK_R: tl.constexpr):
     # MODE 0: h = x A^T in the K loop; 1: h given (M, R); 2: one adapter per row, h as
@@ -60,6 +60,8 @@ def lora_mm_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, h_ptr, idx_ptr, y_ptr,
     # arrival ticket, so producers are always running before anyone waits on them.
     # cnt: [0] tickets, [1] finished producers, [2] finished h readers, [3:] per tile.
     # Every counter is back at 0 when the launch ends (CUDA-graph replays reuse it).
+    # BASE False (modes 2 and 3): no x W^T, only the LoRA term; ACCUMULATE: the result is
+    # added to what y holds (the base output computed by cuBLAS before this launch).
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -106,17 +108,18 @@ def lora_mm_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, h_ptr, idx_ptr, y_ptr,
                          + rn[None, None, :] * s_bn,
                          mask=(mask_m[:, None, None] & mask_r[None, :, None])
                          & (mask_n[None, None, :] & (pid_k == 0)), other=0.0)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            mask_k = rk < k_hi - k0
-            xt = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            wt = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            acc = tl.dot(xt, wt, acc, input_precision=PREC)
-            if MODE == 0:
-                at = tl.load(a_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-                h = tl.dot(xt, at, h, input_precision=PREC)
-                a_ptrs += BLOCK_K * s_ak
-            x_ptrs += BLOCK_K * s_xk
-            w_ptrs += BLOCK_K * s_wk
+        if BASE:
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                mask_k = rk < k_hi - k0
+                xt = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                wt = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+                acc = tl.dot(xt, wt, acc, input_precision=PREC)
+                if MODE == 0:
+                    at = tl.load(a_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+                    h = tl.dot(xt, at, h, input_precision=PREC)
+                    a_ptrs += BLOCK_K * s_ak
+                x_ptrs += BLOCK_K * s_xk
+                w_ptrs += BLOCK_K * s_wk
         in_ty = x_ptr.dtype.element_ty
         if MODE == 0:
             # each K slice adds its own partial h's expand (linear in h)
@@ -174,6 +177,8 @@ def lora_mm_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, h_ptr, idx_ptr, y_ptr,
         out_mask = mask_m[:, None] & mask_n[None, :]
         y_ptrs = y_ptr + rm[:, None] * s_ym + rn[None, :] * s_yn
         if SPLIT_K == 1:
+            if ACCUMULATE:
+                acc += tl.load(y_ptrs, mask=out_mask, other=0.0).to(tl.float32)
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)

@@ -77,6 +77,7 @@ class GraphDecoder:
         self._prefills: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor,
                                         torch.Tensor]] = {}
         self.captures = 0
+        self._banks: list | None = None  # the model's mixed-batch layout caches
         self._warmed = False
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -198,8 +199,14 @@ class GraphDecoder:
                               field="input_ids")
         self.cache.reset()
         self.finished.zero_()
-        # mixed batches: adapters switched in place since the last call reach the graphs
-        multi_lora.refresh_layouts(self.model)
+        # mixed batches: adapters switched in place since the last call reach the graphs.
+        # Once the step graph exists every layer has its cache: keep the list.
+        banks = self._banks
+        if banks is None:
+            banks = multi_lora.banks_of(self.model)
+            if self.graph is not None:
+                self._banks = banks
+        multi_lora.refresh_layouts(banks)
         first = self._finish(self._prefill(input_ids))
         out = [first]
         self.ids.copy_(first.view(-1, 1))

@@ -99,19 +99,28 @@ def for_graphs() -> Iterator[None]:
         _GRAPH_SCOPES -= 1
 
 
-def bgmv_enabled() -> bool:
-    """True when mixed-adapter batches take :func:`bgmv_matmul` (``DELTATUNE_TRITON_BGMV``
-    is ``1``: per-row B gathered in the epilogue, or ``concat``: see :func:`bgmv_layout`).
+_BGMV_LAYOUTS = {"1": "gather", "gather": "gather", "concat": "concat", "add": "add-gather",
+                 "add-gather": "add-gather", "add-concat": "add-concat"}
+BGMV_ADD_MAX_K = 4096  # "auto": the add-gather kernel up to this input width
 
-    Off by default: on an H200 the cuBLAS concatenated path of
-    :mod:`deltatune.kernels.multi_lora` was faster at most Llama shapes (docs/performance.md).
+
+def bgmv_layout(d_in: int) -> str | None:
+    """The Triton layout for a mixed-adapter decode linear of input width ``d_in``, or None
+    for the cuBLAS concatenated path of :mod:`deltatune.kernels.multi_lora`.
+
+    ``DELTATUNE_TRITON_BGMV``: ``auto`` (default) takes ``add-gather`` up to
+    :data:`BGMV_ADD_MAX_K` inputs, where it measured faster than cuBLAS on an H200
+    (12.7 vs 16.2 us at 2048 -> 2048, 22.4 vs 23.6 at 2048 -> 8192, 32 rows and 32
+    adapters), and cuBLAS above (28.8 vs 26.1 us at 8192 -> 2048); ``0`` never; a layout
+    name always: ``gather`` (also ``1``: base and LoRA in one kernel, each row's B gathered
+    in the epilogue), ``concat`` (the expand through every adapter side by side),
+    ``add-gather`` (also ``add``) and ``add-concat`` (the base by cuBLAS, then one kernel
+    adds the LoRA term into its output).
     """
-    return os.environ.get("DELTATUNE_TRITON_BGMV", "0") in ("1", "concat")
-
-
-def bgmv_layout() -> str:
-    """``concat`` (the expand through every adapter side by side) or ``gather``."""
-    return "concat" if os.environ.get("DELTATUNE_TRITON_BGMV") == "concat" else "gather"
+    mode = os.environ.get("DELTATUNE_TRITON_BGMV", "auto")
+    if mode == "auto":
+        return "add-gather" if d_in <= BGMV_ADD_MAX_K else None
+    return _BGMV_LAYOUTS.get(mode)
 
 
 def available(x: torch.Tensor | None = None) -> bool:
@@ -244,12 +253,16 @@ def _index_dummy(device: torch.device) -> torch.Tensor:
 
 def _launch(x, weight, bias, a, b, h, idx, y, M, N, K, r, scale, a_strides, b_strides,
             h_strides, mode: int, store_h: bool, h_split: int = 1, n_shrink: int = 0,
-            k_shrink: int = 0, fused_shrink: bool = False, rt: int = 0) -> None:
+            k_shrink: int = 0, fused_shrink: bool = False, rt: int = 0,
+            base: bool = True) -> None:
     """Launch the matmul kernel with this problem's configuration (split-K when it pays).
 
-    ``rt``: mode 3's concatenated rank (adapters x r)."""
+    ``rt``: mode 3's concatenated rank (adapters x r). ``base`` False (modes 2 and 3):
+    only the LoRA term, added to what ``y`` holds (``weight`` is then not read)."""
     triton, _, kernels = _triton()
     cfg = dict(_OVERRIDE or _config(M, N, K))
+    if not base:
+        cfg["SPLIT_K"] = 1  # nothing to split: the K loop is the base's
     cfg["CHUNK_R"] = 16 if interpreted() else 64
     if mode == 2 and not _OVERRIDE and not interpreted():
         # each program holds its rows' B tiles (16 x r x 64) in registers: 8 warps
@@ -275,7 +288,7 @@ def _launch(x, weight, bias, a, b, h, idx, y, M, N, K, r, scale, a_strides, b_st
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), *a_strides, *b_strides,
         *h_strides, y.stride(0), y.stride(1),
         MODE=mode, STORE_H=store_h, HAS_BIAS=bias is not None, PREC=_precision(x),
-        H_SPLIT=h_split, FUSED_SHRINK=fused_shrink, **cfg)
+        H_SPLIT=h_split, FUSED_SHRINK=fused_shrink, BASE=base, ACCUMULATE=not base, **cfg)
 
 
 def lora_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -335,9 +348,33 @@ def concat_layout(b_stack: torch.Tensor) -> torch.Tensor:
     return b_stack[:-1].permute(0, 2, 1).reshape(-1, b_stack.shape[1]).contiguous()
 
 
-def bgmv_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+def bgmv_shrink(x: torch.Tensor, a_stack: torch.Tensor, index: torch.Tensor,
+                n_out: int) -> torch.Tensor:
+    """Return each row's shrink through its own adapter, ``x_m A_e^T`` with e = index[m],
+    as float32 partial sums over slices of K: (S, M, r), summed by :func:`bgmv_matmul`'s
+    epilogue when passed as its ``h``. One launch. ``n_out`` is the output width of the
+    matmul it feeds (it sets the K slicing, as :func:`bgmv_matmul` would)."""
+    kern = _triton()
+    assert kern is not None, "triton is not available"
+    triton, _, kernels = kern
+    M, K = x.shape
+    r = a_stack.shape[1]
+    block_k = int((_OVERRIDE or _config(M, n_out, K))["BLOCK_K"])
+    split = _shrink_split(M, K, block_k)
+    per = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
+    h = torch.empty((split, M, r), device=x.device, dtype=torch.float32)
+    kernels["bgmv_shrink"][(M, split)](
+        x, a_stack, index, h, K, r, per,
+        x.stride(0), x.stride(1), a_stack.stride(0), a_stack.stride(1), a_stack.stride(2),
+        h.stride(0), h.stride(1), BLOCK_K=block_k, BLOCK_R=max(16, _next_pow2(r)),
+        num_warps=4)
+    return h
+
+
+def bgmv_matmul(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                 a_stack: torch.Tensor, b_stack: torch.Tensor, index: torch.Tensor, *,
-                fused: bool | None = None, b_concat: torch.Tensor | None = None
+                fused: bool | None = None, b_concat: torch.Tensor | None = None,
+                out: torch.Tensor | None = None, h: torch.Tensor | None = None
                 ) -> torch.Tensor:
     """Return x W^T + b plus row m's s_e (x_m A_e^T) B_e^T with e = ``index[m]``.
 
@@ -347,44 +384,59 @@ def bgmv_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     (:func:`deltatune.kernels.multi_lora.stack_padded`; its last entry is all zeros, the
     base model's rows); ``index`` is int32 (M,). ``x`` is (M, K). One
     launch (``fused``: the shrink runs in the same grid, ahead of the matmul's epilogue)
-    or two (a separate shrink kernel first); by default fused for K >= 8192, where it
-    measured faster on an H200 (two launches were faster at K = 2048-4096).
+    or two (a separate shrink kernel first, :func:`bgmv_shrink`); by default fused for
+    K >= 8192, where it measured faster on an H200 (two launches were faster at K =
+    2048-4096). With ``h`` given (:func:`bgmv_shrink`'s partial sums, or a slice of them
+    along r: several layers reading the same input share one shrink launch) there is no
+    shrink here and ``a_stack`` only sets the rank.
     With ``b_concat`` (:func:`concat_layout` of ``b_stack``) the epilogue expands by a
     dense product over every adapter's columns, each row's h placed in its own
     adapter's slice, instead of gathering each row's B (``b_stack`` is then not read).
+    With ``weight`` None the kernel computes only the LoRA term and adds it in place to
+    ``out`` (M, N), which holds the base output already (a cuBLAS GEMV streams W faster
+    than these tiles); ``out`` is returned.
     """
     kern = _triton()
     assert kern is not None, "triton is not available"
-    triton, _, kernels = kern
+    triton = kern[0]
     M, K = x.shape
-    N, r = weight.shape[0], a_stack.shape[1]
-    block_r = max(16, _next_pow2(r))
+    if weight is None:
+        if out is None or bias is not None:
+            raise ValueError("bgmv_matmul without a weight adds to `out` (the base output, "
+                             "bias included); pass out= and no bias")
+        N = out.shape[1]
+    else:
+        N = weight.shape[0]
+    r = a_stack.shape[1]
     block_k = int((_OVERRIDE or _config(M, N, K))["BLOCK_K"])
     split = _shrink_split(M, K, block_k)
     per = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
-    h = torch.empty((split, M, r), device=x.device, dtype=torch.float32)
     if fused is None:
-        fused = K >= 8192 or interpreted()
-    if fused and _counters(x.device) is None:
+        fused = (K >= 8192 or interpreted()) and h is None
+    if fused and (_counters(x.device) is None or h is not None):
         fused = False
-    if not fused:
-        kernels["bgmv_shrink"][(M, split)](
-            x, a_stack, index, h, K, r, per,
-            x.stride(0), x.stride(1), a_stack.stride(0), a_stack.stride(1), a_stack.stride(2),
-            h.stride(0), h.stride(1), BLOCK_K=block_k, BLOCK_R=block_r, num_warps=4)
-    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    if h is None:
+        h = (bgmv_shrink(x, a_stack, index, N) if not fused else
+             torch.empty((split, M, r), device=x.device, dtype=torch.float32))
+    elif h.shape[1:] != (M, r) or h.stride(2) != 1:
+        raise ValueError(f"h must be (slices, {M}, {r}) with unit stride along r; "
+                         f"got {tuple(h.shape)} strides {h.stride()}")
+    split = h.shape[0]
+    y = out if weight is None else torch.empty((M, N), device=x.device, dtype=x.dtype)
     if b_concat is not None:
         b_arg, b_strides = b_concat, (0, b_concat.stride(1), b_concat.stride(0))
     else:
         b_arg, b_strides = b_stack, b_stack.stride()
-    _launch(x, weight, bias, a_stack, b_arg, h, index, y, M, N, K, r, 1.0,
-            a_stack.stride(), b_strides, h.stride(), mode=3 if b_concat is not None else 2,
-            store_h=False, h_split=split, n_shrink=M * split, k_shrink=per,
-            fused_shrink=fused, rt=b_concat.shape[0] if b_concat is not None else 0)
+    _launch(x, weight if weight is not None else y.t(), bias, a_stack, b_arg, h, index, y,
+            M, N, K, r, 1.0, a_stack.stride(), b_strides, h.stride(),
+            mode=3 if b_concat is not None else 2, store_h=False, h_split=split,
+            n_shrink=M * split, k_shrink=per, fused_shrink=fused,
+            rt=b_concat.shape[0] if b_concat is not None else 0, base=weight is not None)
     return y
 
 
-__all__ = ["MAX_RANK", "SMALL_M", "available", "bgmv_enabled", "bgmv_layout", "bgmv_matmul",
+__all__ = ["BGMV_ADD_MAX_K", "MAX_RANK", "SMALL_M", "available", "bgmv_layout", "bgmv_matmul",
+           "bgmv_shrink",
            "concat_layout", "expand_layout",
            "for_graphs", "interpreted", "pays",
            "lora_matmul",
