@@ -17,13 +17,13 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from gpu_lora import _graph_time  # bench/ is the script's directory
 
 from deltatune.kernels import multi_lora, triton_lora
 
@@ -203,24 +203,9 @@ VARIANTS = {"merged": run_merged, "one adapter (Triton)": run_single_triton,
 MIXED = [v for v in VARIANTS if v.startswith("mixed")]
 
 
-def graph_ms(fn, reps: int = 30) -> float:
-    """Milliseconds of one replay of the captured ``fn``, median of ``reps``."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+def graph_ms(fn) -> float:
+    """Milliseconds of one replay of the captured ``fn``, median of 20."""
+    return _graph_time([fn]) * 1e3
 
 
 def main(argv: list[str] | None = None) -> None:
