@@ -443,6 +443,13 @@ def kernel_bench(sweep: bool, shapes: list[tuple[int, int]] | None = None,
                                          c=b_cat: tlr.bgmv_matmul(x, W, None, a, b, i, fused=f,
                                                                   b_concat=c) for W in Ws])
                     # cuBLAS base, then the kernel adds only the LoRA term
+                    for programs in (256, 512, 1024):
+                        tlr.SHRINK_PROGRAMS, before = programs, tlr.SHRINK_PROGRAMS
+                        t[f"mixed-32 cuBLAS + triton add gather, shrink {programs}"] = \
+                            _graph_time([lambda W=W, x=x, a=a_st, b=b_st, i=idx:
+                                         tlr.bgmv_matmul(x, None, None, a, b, i, fused=False,
+                                                         out=F.linear(x, W)) for W in Ws])
+                        tlr.SHRINK_PROGRAMS = before
                     for fused in (False, True):
                         for c in (None, b_cat):
                             kind = "concat" if c is not None else "gather"
@@ -904,6 +911,14 @@ def graph_decode_bench(shape: str, decode_tokens: int, reps: int,
         what = "mixed-32 (cuBLAS concat)" if layout == "0" else f"mixed-32 (triton {layout})"
         run(net, what, (32,), [names32[i % 32] for i in range(32)])
     os.environ["DELTATUNE_TRITON_BGMV"] = "auto"
+    # more shrink programs, and the add for the down projection too
+    from deltatune.kernels import triton_lora
+    for programs, max_k in ((512, 4096), (512, 8192), (128, 8192)):
+        saved = triton_lora.SHRINK_PROGRAMS, triton_lora.BGMV_ADD_MAX_K
+        triton_lora.SHRINK_PROGRAMS, triton_lora.BGMV_ADD_MAX_K = programs, max_k
+        run(net, f"mixed-32 (shrink {programs}, add K<={max_k})", (32,),
+            [names32[i % 32] for i in range(32)])
+        triton_lora.SHRINK_PROGRAMS, triton_lora.BGMV_ADD_MAX_K = saved
     # the prompt (16 tokens per row) through the gathered layout instead of concatenated
     from deltatune.kernels import multi_lora
     tokens_before, multi_lora.DECODE_TOKENS = multi_lora.DECODE_TOKENS, 8

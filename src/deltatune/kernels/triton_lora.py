@@ -323,11 +323,17 @@ def lora_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return y, h_out
 
 
+# The BGMV shrink aims at about this many programs (rows x K slices). On an H200 at 32
+# rows, 512 made the 8192-wide shrink faster (cuBLAS base + add 22.1 vs 24.0 us at 256),
+# and changed nothing at 2048 (bench/results/gpu_lora-20261201-171848).
+SHRINK_PROGRAMS = 512
+
+
 def _shrink_split(M: int, K: int, block_k: int) -> int:
-    """How many K slices the BGMV shrink uses: about 128 producer programs in all."""
+    """How many K slices the BGMV shrink uses: about :data:`SHRINK_PROGRAMS` in all."""
     if interpreted():
         return 2
-    return _pow2_at_most(max(1, min(128 // max(M, 1), K // (block_k * 2))))
+    return _pow2_at_most(max(1, min(SHRINK_PROGRAMS // max(M, 1), K // (block_k * 2))))
 
 
 def expand_layout(b_stack: torch.Tensor) -> torch.Tensor:
