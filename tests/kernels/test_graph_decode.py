@@ -58,6 +58,86 @@ def test_decoder_refuses_a_prompt_that_does_not_fit():
         gd.generate(torch.ones(2, 5, dtype=torch.long), 4)
 
 
+def _left_padded(lengths: list[int], seed: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of these lengths, left-padded with token 0, and their attention mask."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, width - n:] = torch.randint(3, 128, (n,), generator=g)
+        mask[row, width - n:] = 1
+    return ids, mask
+
+
+def test_left_padded_prompts_decode_as_hf_generate_and_as_each_row_alone():
+    dm = _model()
+    ids, mask = _left_padded([5, 2, 7])
+    want = dm.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                       pad_token_id=0)[:, ids.shape[1]:]
+    gd = GraphDecoder(dm, 3, 20)
+    got = gd.generate(ids, 8, attention_mask=mask)
+    assert torch.equal(got, want)
+    for row in range(3):  # the padding changes nothing: each prompt decoded alone
+        alone = ids[row:row + 1, mask[row].bool()]
+        assert torch.equal(GraphDecoder(dm, 1, 20).generate(alone, 8), got[row:row + 1])
+    # equal lengths after padded ones: the unpadded path again, same tokens as without mask
+    same, ones = _left_padded([4, 4, 4])
+    assert torch.equal(gd.generate(same, 8, attention_mask=ones), gd.generate(same, 8))
+    assert not gd.padded
+
+
+def test_left_padding_positions_count_real_tokens_for_absolute_positions():
+    # Llama's rotary positions are shift-invariant; GPT-2 adds absolute position
+    # embeddings, so a row's positions must start at its first real token, as in HF
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(
+        vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64, eos_token_id=None,
+        bos_token_id=None, tie_word_embeddings=False)).eval()
+    with torch.no_grad():  # larger weights than the default init: tokens that vary
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    dm = dt.attach(model, dt.LoraConfig(r=4, target_modules=["c_attn"]))
+    ids, mask = _left_padded([5, 2, 7])
+    want = dm.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                       pad_token_id=0)[:, ids.shape[1]:]
+    assert torch.equal(GraphDecoder(dm, 3, 20).generate(ids, 8, attention_mask=mask), want)
+
+
+def test_decoder_refuses_right_padding_and_a_mismatched_mask():
+    gd = GraphDecoder(_model(), batch=2, max_len=16)
+    ids, mask = _left_padded([3, 5])
+    with pytest.raises(dt.ConfigError, match="padding_side='left'"):
+        gd.generate(ids, 4, attention_mask=mask.flip(1))
+    with pytest.raises(dt.ConfigError, match="at least one token"):
+        gd.generate(ids, 4, attention_mask=torch.zeros_like(mask))
+    with pytest.raises(dt.ConfigError, match="must match"):
+        gd.generate(ids, 4, attention_mask=mask[:, 1:])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_with_left_padding_equals_eager():
+    dm = _model().cuda()
+    ids, mask = _left_padded([6, 3, 1, 5])
+    ids, mask = ids.cuda(), mask.cuda()
+    want = GraphDecoder(dm, 4, 32, use_graph=False).generate(ids, 10, attention_mask=mask)
+    gd = GraphDecoder(dm, 4, 32)
+    assert torch.equal(gd.generate(ids, 10, attention_mask=mask), want)
+    other, other_mask = _left_padded([2, 6, 6, 4], seed=9)
+    other, other_mask = other.cuda(), other_mask.cuda()
+    want2 = GraphDecoder(dm, 4, 32, use_graph=False).generate(other, 10,
+                                                              attention_mask=other_mask)
+    assert torch.equal(gd.generate(other, 10, attention_mask=other_mask), want2)
+    assert gd.captures == 2  # same prompt width: the padded step and prefill graphs reused
+    plain = torch.randint(3, 128, (4, 6), generator=torch.Generator().manual_seed(2)).cuda()
+    assert torch.equal(gd.generate(plain, 10),
+                       GraphDecoder(dm, 4, 32, use_graph=False).generate(plain, 10))
+    assert gd.captures == 4  # the unpadded kind has graphs of its own
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graph_replay_equals_eager_and_swaps_without_recapture():
     dm = _model().cuda()

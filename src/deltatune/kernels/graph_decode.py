@@ -19,6 +19,12 @@ The prompt's forward pass (prefill) is captured too, one graph per prompt length
 for an unmerged adapter, two more launches per adapted linear, which showed in the time
 per token of short generations (docs/performance.md).
 
+Prompts of different lengths come left-padded with their ``attention_mask``, as for
+Hugging Face ``generate``: the decoder then passes a 4D additive mask (padding and causal
+order, built on the device from static buffers, so the graphs replay it) and per-row
+positions. That needs an attention implementation that takes such a mask (``sdpa``,
+the default, or ``eager``). Padded and unpadded calls use separate graphs.
+
 Without CUDA (or with ``use_graph=False``) the same static-cache steps run eagerly: the
 CPU tests check them against Hugging Face ``generate``.
 """
@@ -70,20 +76,51 @@ class GraphDecoder:
         self.next = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.eos, self.pad = eos_token_id, pad_token_id
         self.finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
-        self.graph: torch.cuda.CUDAGraph | None = None
+        # left padding (generate's attention_mask): the slots each row may attend to and
+        # its number of pad tokens; the graphs read these buffers, rewritten per call
+        self.keep = torch.ones(batch, max_len, dtype=torch.bool, device=self.device)
+        self.pads = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        self.slots = torch.arange(max_len, device=self.device)
+        self.mask_dtype = param.dtype if param.dtype.is_floating_point else torch.float32
+        self.padded = False  # this call's prompts are left-padded
+        self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}  # padded -> decode-step graph
         self.graph_prefill = graph_prefill
-        # prompt length -> (graph, prompt buffer, first-token buffer, positions); the graph
-        # reads these tensors where they are, so they must live as long as it does
-        self._prefills: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor,
-                                        torch.Tensor]] = {}
+        # (prompt length, padded) -> (graph, prompt buffer, first-token buffer, positions);
+        # the graph reads these tensors where they are, so they must live as long as it does
+        self._prefills: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor,
+                                                     torch.Tensor, torch.Tensor]] = {}
         self.captures = 0
         self._banks: list | None = None  # the model's mixed-batch layout caches
-        self._warmed = False
+        self._warmed: set[bool] = set()
+
+    @property
+    def graph(self) -> torch.cuda.CUDAGraph | None:
+        """The decode-step graph of the current call's kind (padded or not), once captured."""
+        return self._graphs.get(self.padded)
+
+    def _padding_mask(self, positions: torch.Tensor) -> torch.Tensor:
+        """Return the additive (batch, 1, queries, max_len) mask for query slots
+        ``positions``: each sees the slots up to itself outside its row's left padding.
+
+        A pad query sees itself too (a row with nothing to attend to would give NaN); its
+        output is never used, and no real token attends to it.
+        """
+        see = (self.slots[None, :] <= positions[:, None])[None] & self.keep[:, None, :]
+        see = see | (self.slots[None, :] == positions[:, None])[None]
+        mask = torch.zeros(see.shape, dtype=self.mask_dtype, device=self.device)
+        return mask.masked_fill_(~see, torch.finfo(self.mask_dtype).min)[:, None]
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        extra: dict[str, Any] = {}
+        if self.padded:
+            # positions count real tokens only, as generate's cumsum of the mask does
+            position_ids = (positions[None, :] - self.pads).clamp_min(0)
+            extra["attention_mask"] = self._padding_mask(positions)
+        else:
+            position_ids = positions.view(1, -1).expand(ids.shape[0], -1)
         out = self.model(input_ids=ids, past_key_values=self.cache, cache_position=positions,
-                         position_ids=positions.view(1, -1).expand(ids.shape[0], -1),
-                         use_cache=True, logits_to_keep=1, **self.kwargs)
+                         position_ids=position_ids, use_cache=True, logits_to_keep=1,
+                         **extra, **self.kwargs)
         return out.logits[:, -1]
 
     def _finish(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -137,7 +174,7 @@ class GraphDecoder:
         if cuda:
             torch.cuda.current_stream().wait_stream(stream)
         if step is None:
-            self._warmed = True
+            self._warmed.add(self.padded)
 
     def _prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Return the first new token of every row (batch,), the prompt's K/V cached.
@@ -149,7 +186,7 @@ class GraphDecoder:
         if not (self.use_graph and self.graph_prefill):
             prompt = torch.arange(length, device=self.device)
             return self._forward(input_ids.to(self.device), prompt).argmax(-1)
-        entry = self._prefills.get(length)
+        entry = self._prefills.get((length, self.padded))
         if entry is None:
             prompt = torch.arange(length, device=self.device)
             ids = input_ids.to(self.device).clone()
@@ -164,39 +201,68 @@ class GraphDecoder:
             with torch.cuda.graph(graph):
                 run()
             self.captures += 1
-            entry = self._prefills[length] = (graph, ids, first, prompt)
+            entry = self._prefills[length, self.padded] = (graph, ids, first, prompt)
         graph, ids, first, _ = entry
         ids.copy_(input_ids)
         graph.replay()
         return first.clone()
 
     def _capture(self) -> None:
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        graph = self._graphs[self.padded] = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
             self._step()
         self.captures += 1
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    def generate(self, input_ids: torch.Tensor, new_tokens: int,
+                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Return the ``new_tokens`` greedy tokens after ``input_ids`` (batch, new_tokens).
 
-        With an ``eos_token_id`` the result is shorter when every row finished earlier: it
-        ends at the step where the last row produced EOS (rows that finished before are
-        padded). All rows share the prompt length (no padding). The first call captures
-        the graph.
-        Adapted linears take the fused Triton kernels here (on CUDA, with triton), in the
-        eager warm-up that compiles them and in the captured steps alike.
+        Prompts of different lengths are left-padded, with ``attention_mask`` (1 for real
+        tokens, 0 for the padding on the left, as a tokenizer with ``padding_side="left"``
+        gives); without one every token is real. With an ``eos_token_id`` the result is
+        shorter when every row finished earlier: it ends at the step where the last row
+        produced EOS (rows that finished before are padded). The first call captures the
+        graphs. Adapted linears take the fused Triton kernels here (on CUDA, with triton),
+        in the eager warm-up that compiles them and in the captured steps alike.
         """
         with triton_lora.for_graphs():
-            return self._generate(input_ids, new_tokens)
+            return self._generate(input_ids, new_tokens, attention_mask)
 
-    def _generate(self, input_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    def _set_padding(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+                     ) -> None:
+        """Check a left-padding ``attention_mask`` and load it into the static buffers."""
+        self.padded = False
+        if attention_mask is None:
+            return
+        if tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ConfigError(f"attention_mask has shape {tuple(attention_mask.shape)}, the "
+                              f"prompt {tuple(input_ids.shape)}: they must match",
+                              field="attention_mask")
+        mask = attention_mask.to("cpu", torch.bool)
+        real = mask.sum(1)
+        # left padding: every row's real tokens are its last ones
+        tail = torch.arange(mask.shape[1]) >= (mask.shape[1] - real)[:, None]
+        if not torch.equal(mask, tail) or bool((real == 0).any()):
+            raise ConfigError("attention_mask must pad on the left and leave every row at "
+                              "least one token (0s, then 1s); tokenize with "
+                              "padding_side='left'", field="attention_mask")
+        if bool(mask.all()):
+            return  # nothing padded: the plain graphs
+        self.padded = True
+        self.keep.fill_(True)
+        self.keep[:, :mask.shape[1]].copy_(mask)
+        self.pads.copy_((mask.shape[1] - real).view(-1, 1))
+
+    def _generate(self, input_ids: torch.Tensor, new_tokens: int,
+                  attention_mask: torch.Tensor | None) -> torch.Tensor:
         rows, length = input_ids.shape
         if rows != self.batch or length + new_tokens > self.max_len:
             raise ConfigError(f"prompt of shape {tuple(input_ids.shape)} + {new_tokens} new "
                               f"tokens does not fit this decoder (batch {self.batch}, "
                               f"max_len {self.max_len}): build one with those sizes",
                               field="input_ids")
+        self._set_padding(input_ids, attention_mask)
         self.cache.reset()
         self.finished.zero_()
         # mixed batches: adapters switched in place since the last call reach the graphs.
@@ -215,7 +281,7 @@ class GraphDecoder:
                     self.finished.all()):
                 break
             self.pos.fill_(length + i)
-            if not self._warmed:
+            if self.padded not in self._warmed:
                 self._warm_up()
             if self.use_graph:
                 if self.graph is None:
