@@ -32,12 +32,24 @@ CPU tests check them against Hugging Face ``generate``.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Any
 
 import torch
 
 from deltatune.core.errors import ConfigError
 from deltatune.kernels import multi_lora, triton_lora
+
+
+def _cache_argument(model: torch.nn.Module) -> str:
+    """The forward argument that takes the KV cache: ``cache`` in recent transformers
+    (``past_key_values`` is deprecated there, to be removed in 5.40), else the old name."""
+    from transformers import PreTrainedModel
+
+    hf = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    if hf is not None and "cache" in inspect.signature(hf.forward).parameters:
+        return "cache"
+    return "past_key_values"
 
 
 class GraphDecoder:
@@ -69,6 +81,7 @@ class GraphDecoder:
         if self.use_graph and self.device.type != "cuda":
             raise ConfigError("CUDA graphs need the model on a CUDA device", field="use_graph")
         self.kwargs = dict(forward_kwargs or {})
+        self._cache_arg = _cache_argument(model)
         config = getattr(model, "config", None) or model.model.config
         self.cache = StaticCache(config=config, max_cache_len=max_len)
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
@@ -118,9 +131,9 @@ class GraphDecoder:
             extra["attention_mask"] = self._padding_mask(positions)
         else:
             position_ids = positions.view(1, -1).expand(ids.shape[0], -1)
-        out = self.model(input_ids=ids, past_key_values=self.cache, cache_position=positions,
-                         position_ids=position_ids, use_cache=True, logits_to_keep=1,
-                         **extra, **self.kwargs)
+        extra[self._cache_arg] = self.cache
+        out = self.model(input_ids=ids, cache_position=positions, position_ids=position_ids,
+                         use_cache=True, logits_to_keep=1, **extra, **self.kwargs)
         return out.logits[:, -1]
 
     def _finish(self, tokens: torch.Tensor) -> torch.Tensor:
