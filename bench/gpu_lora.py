@@ -859,23 +859,29 @@ def graph_decode_bench(shape: str, decode_tokens: int, reps: int,
         log(f"  graph {shape} {what:<26} b{batch:<3} {sec * 1e3:8.3f} ms/token "
             f"{' '.join(f'{k}={v}' for k, v in extra.items())}")
 
-    def run(net, what, batches=(1, 32), rows=None):
+    # left-padded prompts: row i has i % 8 pad tokens (GraphDecoder's padded graphs)
+    padding = torch.ones_like(short)
+    for i in range(padding.shape[0]):
+        padding[i, :i % 8] = 0
+
+    def run(net, what, batches=(1, 32), rows=None, padded=False):
         for b in batches:
             kw = None if rows is None else {"delta_names": rows[:b]}
+            mask = padding[:b] if padded else None
+
+            def gen(dec, b=b, mask=mask):
+                return dec.generate(short[:b], decode_tokens, attention_mask=mask)
             try:
                 dec = GraphDecoder(net, b, max_len, forward_kwargs=kw)
-                sec = timeit(lambda dec=dec, b=b: dec.generate(short[:b], decode_tokens),
-                             reps, 1)
+                sec = timeit(lambda dec=dec: gen(dec), reps, 1)
                 # one decode step alone (the captured graph replayed at the last position)
                 step = time_step(dec, 4 * reps)
                 # the prompt's forward pass run eagerly, as before prefill graphs
                 old = GraphDecoder(net, b, max_len, forward_kwargs=kw, graph_prefill=False)
-                sec_eager_prefill = timeit(
-                    lambda dec=old, b=b: dec.generate(short[:b], decode_tokens), reps, 1)
+                sec_eager_prefill = timeit(lambda dec=old: gen(dec), reps, 1)
                 # the same static-cache steps without the graph: the replay must agree
                 eager = GraphDecoder(net, b, max_len, forward_kwargs=kw, use_graph=False)
-                same = float((dec.generate(short[:b], decode_tokens) ==
-                              eager.generate(short[:b], decode_tokens)).float().mean())
+                same = float((gen(dec) == gen(eager)).float().mean())
                 from deltatune.kernels.multi_lora import banks_of
                 groups = sum(bank._group is not None for bank in banks_of(net))
                 record(what, b, sec / decode_tokens, captures=dec.captures, shrink_groups=groups,
@@ -896,8 +902,10 @@ def graph_decode_bench(shape: str, decode_tokens: int, reps: int,
     randomize(lora_params(net), seed=2)
     net.eval()
     run(net, "unmerged")
+    run(net, "unmerged, left-padded", (32,), padded=True)
     net.merge()
     run(net, "merged")
+    run(net, "merged, left-padded", (32,), padded=True)
     net.unmerge()
     for name in names32[1:]:
         attach_dt(net, name=name)
