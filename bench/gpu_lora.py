@@ -883,7 +883,8 @@ def graph_decode_bench(shape: str, decode_tokens: int, reps: int,
                 eager = GraphDecoder(net, b, max_len, forward_kwargs=kw, use_graph=False)
                 same = float((gen(dec) == gen(eager)).float().mean())
                 from deltatune.kernels.multi_lora import banks_of
-                groups = sum(bank._group is not None for bank in banks_of(net))
+                groups = sum(bank.shrink_group is not None and bank.shrink_group.banks[0] is bank
+                             for bank in banks_of(net))
                 record(what, b, sec / decode_tokens, captures=dec.captures, shrink_groups=groups,
                        tokens_equal_eager=round(same, 4), step_ms=round(step * 1e3, 4),
                        eager_prefill_ms_per_token=round(sec_eager_prefill / decode_tokens

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from deltatune.kernels import triton_lora
+from deltatune.kernels.shared_shrink import SIBLINGS, ShrinkGroup, shared_shrink
 
 
 def multi_lora_reference(x: torch.Tensor, y: torch.Tensor, row_adapter: Sequence[int],
@@ -132,38 +133,6 @@ def _value(v):
     return v() if callable(v) else v
 
 
-class _SiblingInputs:
-    """Learns which layers read the same input tensor one after another (q, k and v; gate
-    and up), so that the first of them computes every one's shrink in one launch.
-
-    Each mixed-batch decode call through the add layouts reports its bank and input here;
-    calls with the very same tensor object, unchanged (version counter), the same adapters
-    and the same rows in a row form a group once the run ends (the next call with another
-    input). Nothing is assumed about the model's structure: a layer whose input turns out
-    to be another tensor simply computes its own shrink.
-    """
-
-    def __init__(self) -> None:
-        self.x: torch.Tensor | None = None
-        self.version = -1
-        self.signature: tuple | None = None
-        self.banks: list[AdapterBank] = []
-
-    def observe(self, bank: AdapterBank, x: torch.Tensor, signature: tuple) -> None:
-        """Record that ``bank`` was called with ``x`` (``signature``: adapters, rows, kind)."""
-        if x is self.x and x._version == self.version and signature == self.signature:
-            if bank not in self.banks:
-                self.banks.append(bank)
-            return
-        banks, kind = self.banks, self.signature[-1] if self.signature else None
-        self.x, self.version, self.signature, self.banks = x, x._version, signature, [bank]
-        if len(banks) > 1:
-            banks[0]._form_group(banks[1:], kind)
-
-
-_SIBLINGS = _SiblingInputs()
-
-
 class AdapterBank:
     """Side-by-side layouts of a layer's adapters, cached while their tensors are unchanged.
 
@@ -180,72 +149,27 @@ class AdapterBank:
         self._state: tuple[list[int], list[int]] = ([], [])
         self._layouts: dict[str, tuple] = {}
         self._rows: dict[tuple, torch.Tensor] = {}
-        # sibling layers sharing one shrink launch (_SiblingInputs): the leader holds
-        # [(bank, its A-stack view, column offset)], each member the leader's h slice
-        self._group: list[tuple[AdapterBank, torch.Tensor, int]] | None = None
-        self._joined: torch.Tensor | None = None
-        self._in_group = False
-        self._pending: tuple | None = None
+        # layers reading the same input share one shrink launch (kernels.shared_shrink)
+        self.shrink_group: ShrinkGroup | None = None
+        self.pending_h: tuple | None = None  # (input, its version, h slice) from the leader
         self._captured: set = set()  # layout kinds a CUDA graph capture has read
         self._retired: dict = {}  # kind -> A stacks replaced by a group's views
 
-    def _form_group(self, members: list[AdapterBank], kind) -> None:
-        """Lay this bank's and ``members``' A stacks side by side along the rank, in one
-        tensor whose slices become each bank's A stack (in-place rewrites of a bank's
-        layout, :meth:`_sync`, land in it), so one shrink launch serves them all."""
-        banks = [self, *members]
-        if any(b._group or b._in_group or kind not in b._layouts for b in banks):
-            return
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            return  # memory taken now would belong to the graph being captured
-        stacks = [b._layouts[kind][0] for b in banks]
-        if len({(a.shape[0], a.shape[2], a.dtype, a.device) for a in stacks}) != 1:
-            return
-        joined = torch.cat(stacks, dim=1)
-        group, offset = [], 0
-        for bank, a in zip(banks, stacks):
-            view = joined[:, offset:offset + a.shape[1]]
-            if kind in bank._captured:
-                # a captured CUDA graph reads the old stack: keep it alive (and in sync)
-                bank._retired.setdefault(kind, []).append(a)
-            bank._layouts[kind] = (view, *bank._layouts[kind][1:])
-            bank._in_group = True
-            group.append((bank, view, offset))
-            offset += a.shape[1]
-        self._group, self._joined = group, joined
+    def a_stack(self, kind) -> torch.Tensor | None:
+        """The A stack of layout ``kind``, if laid out."""
+        layout = self._layouts.get(kind)
+        return None if layout is None else layout[0]
 
-    def _leave_group(self) -> None:
-        """Dissolve the group this bank leads (a member re-laid out its adapters)."""
-        for bank, _, _ in self._group or []:
-            bank._in_group, bank._pending = False, None
-        self._group = self._joined = None
+    def replace_a_stack(self, kind, view: torch.Tensor) -> None:
+        """Make ``view`` (same shape and values) the A stack of layout ``kind``.
 
-    def _group_shrink(self, kind, x: torch.Tensor, x2: torch.Tensor, index: torch.Tensor,
-                      n_out: int) -> torch.Tensor | None:
-        """As the leader: one shrink for the whole group, slices handed to the members;
-        returns this bank's slice. As a member: the slice its leader left, if it was
-        computed from this very input ``x`` (``x2``: its rows as a matrix). None: compute
-        the shrink alone."""
-        pending, self._pending = self._pending, None
-        if pending is not None and pending[0] is x and pending[1] == x._version:
-            return pending[2]
-        if self._group is None:
-            return None
-        # members' adapters changed in place are rewritten into the shared stack now,
-        # before it is read (their own calls come after this shrink)
-        if any(bank._layouts.get(kind, (None,))[0] is not view or not bank._sync()
-               for bank, view, _ in self._group):
-            self._leave_group()
-            return None
-        h = triton_lora.bgmv_shrink(x2, self._joined, index, n_out)
-        own = None
-        for bank, view, offset in self._group:
-            part = h[:, :, offset:offset + view.shape[1]]
-            if bank is self:
-                own = part
-            else:
-                bank._pending = (x, x._version, part)
-        return own
+        A captured CUDA graph may read the old one: that one is then kept alive and
+        rewritten with the others when the adapters change in place.
+        """
+        old = self._layouts[kind]
+        if kind in self._captured:
+            self._retired.setdefault(kind, []).append(old[0])
+        self._layouts[kind] = (view, *old[1:])
 
     @staticmethod
     def _build(kind, As, Bs, scales, dtype: torch.dtype) -> tuple:
@@ -260,7 +184,7 @@ class AdapterBank:
             return a_stack, triton_lora.expand_layout(b_stack), None
         return a_stack, b_stack, triton_lora.concat_layout(b_stack)
 
-    def _sync(self) -> bool:
+    def sync(self) -> bool:
         """Bring the cached layouts up to date; False when they must be rebuilt.
 
         Values changed in place (an optimizer step, ``load_delta_state_dict``) are rewritten
@@ -300,14 +224,14 @@ class AdapterBank:
         if self._key is None or not self._tensors:
             return False
         before = self._state
-        if not self._sync():
+        if not self.sync():
             self._key = None
             self._layouts.clear()
             return False
         return self._state != before
 
     def _valid(self, key: tuple) -> bool:
-        return key == self._key and bool(self._tensors) and self._sync()
+        return key == self._key and bool(self._tensors) and self.sync()
 
     def _prepare(self, names, As, Bs, scales, x: torch.Tensor, keys) -> tuple:
         """Return (As, Bs, cache): the adapter tensors and whether layouts may be cached."""
@@ -383,10 +307,10 @@ class AdapterBank:
             # cuBLAS streams W, the kernel adds only the LoRA term into its output; layers
             # reading the same input share one shrink launch
             # (the rows' entries: same names and rows give the same index tensor values)
-            _SIBLINGS.observe(self, x, (tuple(names), rows, tokens, kind))
+            SIBLINGS.observe(self, x, (tuple(names), rows, tokens, kind))
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
                 self._captured.add(kind)
-            h = self._group_shrink(kind, x, x2, index, weight.shape[0])
+            h = shared_shrink(self, x, x2, index, weight.shape[0])
             y = triton_lora.bgmv_matmul(x2, None, None, a_stack, b_stack, index,
                                         b_concat=b_concat, out=F.linear(x2, weight, bias),
                                         h=h)
