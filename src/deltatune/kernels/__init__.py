@@ -11,7 +11,12 @@ The fast paths are cuBLAS-shaped reorderings of the same math (see docs/performa
   logits;
 - :mod:`.triton_lora`: Triton kernels (imported lazily, CUDA only) computing
   ``x W^T + s (x A^T) B^T`` in one launch for decode-sized batches, and a BGMV variant
-  for one adapter per row; taken under CUDA-graph decoding (:mod:`.graph_decode`).
+  for one adapter per row (or only its LoRA term, added to a cuBLAS base output); taken
+  under CUDA-graph decoding (:mod:`.graph_decode`);
+- :mod:`.shared_shrink`: layers reading the same input (q, k, v; gate, up) share one
+  BGMV shrink launch in a mixed-adapter decode step;
+- :mod:`.graph_decode`: greedy decoding replayed from CUDA graphs, left-padded prompts
+  included.
 
 Which path runs is decided by :func:`fast_path_enabled`: with the default mode
 ``"auto"`` only CUDA tensors take the fast paths, so CPU results stay exactly those of
