@@ -60,6 +60,26 @@ def architecture(model: nn.Module) -> dict[str, Any]:
     return arch
 
 
+def recorded_weight(module: nn.Module) -> torch.Tensor | None:
+    """Return the weight a fingerprint records for ``module``, or None if it has none.
+
+    A weight stored packed or quantized (bitsandbytes 4-bit and 8-bit layers) stands in as
+    an empty ``meta`` tensor of the layer's logical (out, in) shape: the storage's shape and
+    bytes depend on the backend (bitsandbytes repacks a 4-bit weight on its first CPU
+    forward), and an adapter trained on the float model must match the quantized one (and
+    the other way round). Its values are not sampled.
+    """
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return None
+    packed = hasattr(weight, "quant_state") or (
+        not weight.is_floating_point() and weight.dtype not in (torch.bool,))
+    shape = (getattr(module, "out_features", None), getattr(module, "in_features", None))
+    if packed and all(isinstance(n, int) for n in shape):
+        return torch.empty(shape, device="meta")
+    return weight
+
+
 def _sample(weight: torch.Tensor) -> list[float]:
     flat = weight.detach().reshape(-1)
     n = flat.numel()
@@ -88,7 +108,8 @@ def base_fingerprint(model: nn.Module, target_weights: dict[str, torch.Tensor]) 
             json.dumps(arch, sort_keys=True).encode()).hexdigest(),
         "target_shapes": {n: list(target_weights[n].shape) for n in names},
         "weight_dtype": str(dtype).removeprefix("torch."),
-        "weight_samples": {n: _sample(target_weights[n]) for n in picks[:SAMPLED_TENSORS]},
+        "weight_samples": {n: _sample(target_weights[n]) for n in picks[:SAMPLED_TENSORS]
+                           if not target_weights[n].is_meta},
     }
 
 
@@ -130,8 +151,8 @@ def check_fingerprint(saved: dict[str, Any], model: nn.Module,
         return
     saved_dtype = str(saved.get("weight_dtype", "float32"))
     for name, values in (saved.get("weight_samples") or {}).items():
-        if name not in target_weights:
-            continue
+        if name not in target_weights or target_weights[name].is_meta:
+            continue  # packed quantized weights: shapes only (recorded_weight)
         weight = target_weights[name]
         eps = max(_EPS.get(saved_dtype, 2.0**-7),
                   _EPS.get(str(weight.dtype).removeprefix("torch."), 2.0**-7))

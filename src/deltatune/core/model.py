@@ -35,7 +35,7 @@ from deltatune.core.errors import (
     StrictLoadError,
     TargetError,
 )
-from deltatune.core.fingerprint import base_fingerprint, check_fingerprint
+from deltatune.core.fingerprint import base_fingerprint, check_fingerprint, recorded_weight
 from deltatune.core.layers import DeltaLayer, LayerDelta, ModuleCopy, WrapperModule, row_deltas
 from deltatune.core.payload import check_payload
 from deltatune.core.registry import AttachedDelta, config_from_dict, get_method
@@ -621,10 +621,11 @@ class DeltaModel(WrapperModule):
                 continue
             if isinstance(module, DeltaLayer):
                 original = module._originals[0] if module.merged else None
-                out[location] = original[0] if original is not None else module.base.weight
-            elif isinstance(module, nn.Module) and isinstance(
-                    getattr(module, "weight", None), torch.Tensor):
-                out[location] = module.weight
+                weight = original[0] if original is not None else recorded_weight(module.base)
+            else:
+                weight = recorded_weight(module)
+            if weight is not None:
+                out[location] = weight
         return out
 
     def save_delta(self, directory: str | Path, name: str | None = None, *,
@@ -705,8 +706,9 @@ class DeltaModel(WrapperModule):
                 continue
             base = module.base if isinstance(module, DeltaLayer) else (
                 module.original if isinstance(module, ModuleCopy) else module)
-            if isinstance(getattr(base, "weight", None), torch.Tensor):
-                target_weights[location] = base.weight
+            weight = recorded_weight(base)
+            if weight is not None:
+                target_weights[location] = weight
         if check_base not in ("strict", "shapes", "off"):
             raise ConfigError("check_base must be 'strict', 'shapes' or 'off'", field="check_base")
         check_fingerprint(payload.get("base_model") or {}, self.model, target_weights,
