@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 
 import deltatune as dt
-from deltatune.kernels import fast_path, triton_lora
+from deltatune.kernels import fast_path, multi_lora, triton_lora
 from deltatune.kernels.lora_linear import lora_linear, lora_linear_reference
 from deltatune.kernels.multi_lora import multi_lora_reference, stack_padded
-from tests.conftest import randomize_deltas, tiny_llama, token_batch
+from tests.conftest import randomize_deltas, tiny_gpt2, tiny_llama, token_batch
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                 reason="triton is not installed")
@@ -261,6 +261,32 @@ def test_layers_reading_one_input_share_one_shrink(dev, monkeypatch):
     shrinks["n"] = 0
     got, ref = both()
     assert shrinks["n"] == 8 and _rel(got, ref) < 1e-5
+    # other rows: the layers re-lay out their adapters, the groups dissolve and re-form
+    names[:] = ["b", "a", "a"]
+    for want in (14, 8):
+        shrinks["n"] = 0
+        got, ref = both()
+        assert shrinks["n"] == want and _rel(got, ref) < 1e-5
+
+
+@kernel_test
+def test_layers_reading_different_inputs_keep_their_own_shrinks(dev, monkeypatch):
+    """GPT-2: c_attn, attn.c_proj, mlp.c_fc and mlp.c_proj each read their own tensor."""
+    monkeypatch.setenv("DELTATUNE_TRITON_BGMV", "add")
+    dm = dt.attach(tiny_gpt2(), dt.LoraConfig(r=4, target_modules="all-linear"), name="a")
+    dm.add("b", dt.LoraConfig(r=4, target_modules="all-linear"))
+    randomize_deltas(dm, std=0.1)
+    dm.to(dev).eval()
+    ids, names = token_batch(2, 1).to(dev), ["a", "b"]
+    for _ in range(2):
+        with torch.no_grad():
+            with fast_path("off"):
+                ref = dm(input_ids=ids, delta_names=names).logits
+            with fast_path("on"):
+                got = dm(input_ids=ids, delta_names=names).logits
+        assert _rel(got, ref) < 1e-5
+    banks = multi_lora.banks_of(dm)
+    assert banks and all(bank.shrink_group is None for bank in banks)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
