@@ -140,3 +140,69 @@ def test_builtin_data_set_names_are_read_as_data():
     val = data.read("wordnet-definitions-demo", split="validation")
     assert len(val) == 300 and {"prompt", "response"} <= set(val[0])
     assert val.where(4) == "wordnet-definitions-demo[validation] row 5"
+
+
+@pytest.fixture
+def two_deltas(tmp_path):
+    """Two saved LoRA deltas ("a", "b") on the tiny Llama, with random non-zero weights."""
+    dirs = {}
+    for seed, name in enumerate(["a", "b"]):
+        dm = dt.attach(tiny_llama(), dt.LoraConfig(r=4, lora_alpha=8,
+                                                   target_modules="all-linear"), name=name)
+        gen = torch.Generator().manual_seed(seed + 10)
+        with torch.no_grad():
+            for p in dm.get_delta(name).parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+        dirs[name] = dm.save_delta(tmp_path / name)
+    return dirs
+
+
+def _generate(model_dir, capsys, *extra) -> list[dict]:
+    assert main(["generate", "--model", str(model_dir), "--max-new-tokens", "5", "--json",
+                 *extra]) == 0
+    return [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+
+
+def test_generate_mixes_deltas_per_row_as_each_alone(model_dir, two_deltas, tmp_path, capsys):
+    prompts = ["word cat", "a longer prompt here"]  # different lengths: left padding
+    flags = [x for p in prompts for x in ("--prompt", p)]
+    alone = {None: _generate(model_dir, capsys, *flags)}
+    for name, directory in two_deltas.items():
+        alone[name] = _generate(model_dir, capsys, "--delta", str(directory), *flags)
+    assert alone["a"] != alone["b"] and alone["a"] != alone[None]
+    # every prompt through every delta and the base, in mixed batches of 4 rows
+    lines = _generate(model_dir, capsys, "--delta", str(two_deltas["a"]), "--delta",
+                      str(two_deltas["b"]), "--each", "--base-too", "--batch-size", "4",
+                      *flags)
+    assert [(x["prompt"], x["delta"]) for x in lines] == [
+        (p, d) for p in prompts for d in ("base", "a", "b")]
+    for x in lines:
+        want = alone[None if x["delta"] == "base" else x["delta"]]
+        assert x["output"] == want[prompts.index(x["prompt"])]["output"]
+    # a 'delta' column routes each row (empty: the base model), names given on the CLI
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(json.dumps({"prompt": p, "delta": d}) for p, d in
+                              [(prompts[0], "y"), (prompts[1], ""), (prompts[1], "x")]))
+    lines = _generate(model_dir, capsys, "--delta", f"x={two_deltas['a']}", "--delta",
+                      f"y={two_deltas['b']}", "--file", str(rows))
+    assert [x["delta"] for x in lines] == ["y", "base", "x"]
+    assert [x["output"] for x in lines] == [alone["b"][0]["output"], alone[None][1]["output"],
+                                            alone["a"][1]["output"]]
+
+
+def test_generate_with_several_deltas_says_which_row_uses_which(model_dir, two_deltas,
+                                                                tmp_path, capsys):
+    both = ["--delta", str(two_deltas["a"]), "--delta", str(two_deltas["b"])]
+    base = ["generate", "--model", str(model_dir), "--prompt", "word cat"]
+    assert main([*base, *both]) == 2
+    assert "2 deltas are loaded (a, b): say which one each prompt uses" in \
+        capsys.readouterr().err
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "word cat", "delta": "c"}) + "\n")
+    assert main([*base[:3], "--file", str(rows), *both]) == 2
+    assert "row 1: delta 'c' is not loaded (loaded: a, b)" in capsys.readouterr().err
+    assert main([*base, "--delta", str(two_deltas["a"]), "--base-too"]) == 2
+    assert "--base-too goes with --each" in capsys.readouterr().err
+    assert main([*base, "--delta", f"a={two_deltas['a']}", "--delta",
+                 f"a={two_deltas['b']}", "--each"]) == 2
+    assert "two deltas are named 'a'" in capsys.readouterr().err

@@ -322,8 +322,13 @@ class CausalLMSFT(CausalLMBase):
     # -- generation and evaluation ------------------------------------------------------------
     @torch.no_grad()
     def generate(self, model: Any, examples: Sequence[Example], *, batch_size: int = 8,
-                 max_new_tokens: int | None = None, progress: bool = False) -> list[str]:
-        """Greedy continuations of each example's prompt (left-padded batches); return texts."""
+                 max_new_tokens: int | None = None, progress: bool = False,
+                 delta_names: Sequence[str | None] | None = None) -> list[str]:
+        """Greedy continuations of each example's prompt (left-padded batches); return texts.
+
+        ``delta_names`` (one per example, a :class:`~deltatune.DeltaModel`'s delta or None
+        for the base model) runs each row through its own delta, in mixed batches.
+        """
         from tqdm.auto import tqdm
 
         device = _device_of(model)
@@ -333,14 +338,20 @@ class CausalLMSFT(CausalLMBase):
         extra = getattr(gen_cfg, "eos_token_id", None)
         eos |= set(extra if isinstance(extra, list) else [] if extra is None else [extra])
         outs: list[str] = []
-        chunks = list(batched(examples, batch_size))
+        if delta_names is not None and len(delta_names) != len(examples):
+            raise ValueError(f"delta_names has {len(delta_names)} entries for "
+                             f"{len(examples)} examples")
+        chunks = list(batched(range(len(examples)), batch_size))
         for chunk in tqdm(chunks, desc="generate", disable=not progress, leave=False):
-            prompts = [e["input_ids"][:e["prompt_len"]] for e in chunk]
+            prompts = [examples[i]["input_ids"][:examples[i]["prompt_len"]] for i in chunk]
             ids = pad_to(prompts, self.pad_id, left=True).to(device)
             mask = pad_to([[1] * len(p) for p in prompts], 0, left=True).to(device)
+            routing = {} if delta_names is None else {
+                "delta_names": [delta_names[i] for i in chunk]}
             gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
                                  max_new_tokens=max_new_tokens or self.max_new_tokens,
-                                 pad_token_id=self.pad_id, eos_token_id=sorted(eos) or None)
+                                 pad_token_id=self.pad_id, eos_token_id=sorted(eos) or None,
+                                 **routing)
             for row in gen[:, ids.shape[1]:]:
                 outs.append(self.tokenizer.decode(row.tolist(), skip_special_tokens=True).strip())
         return outs
