@@ -229,6 +229,21 @@ def test_eos_stops_rows_and_decoding_as_hf_generate_does():
     assert got.shape[1] <= 4 and torch.equal(got, want[:, same.shape[1]:])
 
 
+def test_several_eos_ids_stop_rows_as_hf_generate_does():
+    dm = _model()
+    ids = torch.randint(3, 128, (3, 5), generator=torch.Generator().manual_seed(1))
+    free = GraphDecoder(dm, 3, 40).generate(ids, 30)
+    # two stop tokens: one that row 0 produces early, one that row 1 produces
+    eos = [int(free[0, 2]), int(free[1, 4])]
+    want = dm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=30,
+                       do_sample=False, pad_token_id=0, eos_token_id=eos)[:, ids.shape[1]:]
+    got = GraphDecoder(dm, 3, 40, eos_token_id=eos, pad_token_id=0).generate(ids, 30)
+    assert torch.equal(got, want)
+    for row in got:  # padding after the first of either stop token
+        stops = [i for i, t in enumerate(row.tolist()) if t in eos]
+        assert stops and (row[stops[0] + 1:] == 0).all()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graph_with_eos_equals_eager():
     dm = _model().cuda()

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -57,12 +58,12 @@ class GraphDecoder:
 
     ``forward_kwargs`` go to every forward call (e.g. ``delta_names`` for a mixed batch).
     ``graph_prefill`` (default True) replays the prompt's forward pass from a graph as
-    well, one per prompt length seen. With ``eos_token_id`` a row that produced it gets
-    ``pad_token_id`` afterwards and decoding stops once every row has finished (checked
-    every :attr:`CHECK_EVERY` steps, to keep host synchronisations rare), as Hugging
-    Face ``generate`` does. :attr:`captures` counts graph captures: one for the decode
-    step plus one per prompt length, however many sequences are decoded and however many
-    times the adapter weights are swapped in place.
+    well, one per prompt length seen. With ``eos_token_id`` (one id or several) a row that
+    produced one gets ``pad_token_id`` afterwards and decoding stops once every row has
+    finished (checked every :attr:`CHECK_EVERY` steps, to keep host synchronisations
+    rare), as Hugging Face ``generate`` does. :attr:`captures` counts graph captures: one
+    for the decode step plus one per prompt length, however many sequences are decoded
+    and however many times the adapter weights are swapped in place.
     """
 
     CHECK_EVERY = 8
@@ -70,7 +71,8 @@ class GraphDecoder:
     def __init__(self, model: torch.nn.Module, batch: int, max_len: int, *,
                  use_graph: bool | None = None, graph_prefill: bool = True,
                  forward_kwargs: dict[str, Any] | None = None,
-                 eos_token_id: int | None = None, pad_token_id: int = 0) -> None:
+                 eos_token_id: int | Sequence[int] | None = None,
+                 pad_token_id: int = 0) -> None:
         from transformers import StaticCache
 
         self.model = model
@@ -87,7 +89,10 @@ class GraphDecoder:
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self.next = torch.zeros(batch, dtype=torch.long, device=self.device)
-        self.eos, self.pad = eos_token_id, pad_token_id
+        # one EOS id or several (Llama 3 ends turns with either of two), as HF generate
+        ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+        self.eos = torch.tensor(ids, dtype=torch.long, device=self.device) if ids else None
+        self.pad = pad_token_id
         self.finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         # left padding (generate's attention_mask): the slots each row may attend to and
         # its number of pad tokens; the graphs read these buffers, rewritten per call
@@ -136,12 +141,16 @@ class GraphDecoder:
                          use_cache=True, logits_to_keep=1, **extra, **self.kwargs)
         return out.logits[:, -1]
 
+    def _is_eos(self, tokens: torch.Tensor) -> torch.Tensor:
+        # a broadcast comparison: no data-dependent sizes, so it can be captured in a graph
+        return (tokens[..., None] == self.eos).any(-1)
+
     def _finish(self, tokens: torch.Tensor) -> torch.Tensor:
         """``tokens`` with finished rows padded; marks rows that just produced EOS."""
         if self.eos is None:
             return tokens
         tokens = torch.where(self.finished, self.pad, tokens)
-        self.finished |= tokens == self.eos
+        self.finished |= self._is_eos(tokens)
         return tokens
 
     def _step(self) -> None:
@@ -307,7 +316,7 @@ class GraphDecoder:
         tokens = torch.stack(out, 1)
         if self.eos is not None and bool(self.finished.all()):
             # up to the step where the last row finished (later steps are all padding)
-            end = int((tokens == self.eos).int().argmax(1).max()) + 1
+            end = int(self._is_eos(tokens).int().argmax(1).max()) + 1
             tokens = tokens[:, :end]
         return tokens
 
