@@ -207,6 +207,83 @@ def test_mixed_batch_layouts_keep_their_tensors_across_a_switch():
             if isinstance(t, torch.Tensor)] == held
 
 
+def _three_adapters() -> dt.DeltaModel:
+    """The tiny Llama with "default", "b" (all linears) and "c" (q and v only)."""
+    dm = _model()
+    dm.add("b", dt.LoraConfig(r=4, target_modules="all-linear"))
+    dm.add("c", dt.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    _randomize(dm, 3)
+    return dm
+
+
+def _pooled_tensors(dm) -> list[tuple[int, torch.Tensor]]:
+    """(id, tensor) of every layout and pooled per-row tensor of the mixed-batch caches."""
+    from deltatune.kernels.multi_lora import banks_of
+
+    out = []
+    for bank in banks_of(dm):
+        out += [t for lay in bank._layouts.values() for t in lay if isinstance(t, torch.Tensor)]
+        out += [e[1] for k, e in bank._rows.items() if k[0] == "pooled"]
+    return [(id(t), t.clone()) for t in out]
+
+
+def test_pooled_decoder_reroutes_rows_in_place_per_call():
+    # adapters=[...]: the layouts stack all three adapters whatever the rows use, and
+    # another row assignment rewrites the rows' index tensors in place (what a captured
+    # graph needs: it runs no Python); tokens equal a decoder built for each assignment
+    from deltatune.kernels import fast_path
+
+    dm = _three_adapters()
+    ids = torch.randint(3, 128, (4, 5), generator=torch.Generator().manual_seed(4))
+    first, second = ["default", "b", None, "c"], ["c", "c", "b", None]
+    with fast_path("off"):
+        want = [GraphDecoder(dm, 4, 16, forward_kwargs={"delta_names": rows}).generate(ids, 6)
+                for rows in (first, second)]
+    assert not torch.equal(want[0], want[1])
+    with fast_path("on"):
+        gd = GraphDecoder(dm, 4, 16, adapters=["default", "b", "c"])
+        assert torch.equal(gd.generate(ids, 6, delta_names=first), want[0])
+        held = _pooled_tensors(dm)
+        assert len(held) > 14  # layouts of 14 linears plus their rows' index tensors
+        assert torch.equal(gd.generate(ids, 6, delta_names=second), want[1])
+        now = _pooled_tensors(dm)
+        assert [i for i, _ in now] == [i for i, _ in held]  # the same tensors...
+        assert any(not torch.equal(a, b) for (_, a), (_, b) in zip(held, now))  # rewritten
+        assert torch.equal(gd.generate(ids, 6, delta_names=first), want[0])
+    # every row on the base model (no delta_names: the same)
+    with fast_path("off"), dm.disabled():
+        base = GraphDecoder(dm, 4, 16).generate(ids, 6)
+    with fast_path("on"):
+        assert torch.equal(gd.generate(ids, 6, delta_names=[None] * 4), base)
+        assert torch.equal(gd.generate(ids, 6), base)
+
+
+def test_pooled_decoder_refuses_rows_it_cannot_route():
+    dm = _three_adapters()
+    with pytest.raises(dt.ConfigError, match=r"'x', not among this decoder's adapters"):
+        GraphDecoder(dm, 2, 16, adapters=["b"]).generate(
+            torch.ones(2, 3, dtype=torch.long), 2, delta_names=["b", "x"])
+    with pytest.raises(dt.ConfigError, match="2 entries for a batch of 3"):
+        GraphDecoder(dm, 3, 16, adapters=["b"]).generate(
+            torch.ones(3, 3, dtype=torch.long), 2, delta_names=["b", None])
+    with pytest.raises(dt.ConfigError, match="build it with adapters="):
+        GraphDecoder(dm, 2, 16).generate(torch.ones(2, 3, dtype=torch.long), 2,
+                                         delta_names=["b", None])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_pooled_decoder_reroutes_without_recapture():
+    dm = _three_adapters().cuda()
+    ids = torch.randint(3, 128, (4, 6), generator=torch.Generator().manual_seed(4)).cuda()
+    gd = GraphDecoder(dm, 4, 32, adapters=["default", "b", "c"])
+    for rows in (["default", "b", None, "c"], ["c", "c", "b", None], [None] * 4,
+                 ["b", "default", "default", "c"]):
+        want = GraphDecoder(dm, 4, 32, use_graph=False,
+                            forward_kwargs={"delta_names": rows}).generate(ids, 10)
+        assert torch.equal(gd.generate(ids, 10, delta_names=rows), want)
+    assert gd.captures == 2  # one step graph and one prompt graph for every assignment
+
+
 def test_eos_stops_rows_and_decoding_as_hf_generate_does():
     dm = _model()
     ids = torch.randint(3, 128, (3, 5), generator=torch.Generator().manual_seed(1))

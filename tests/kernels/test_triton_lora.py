@@ -270,6 +270,33 @@ def test_layers_reading_one_input_share_one_shrink(dev, monkeypatch):
 
 
 @kernel_test
+def test_pooled_rows_reroute_the_kernels_index_in_place(dev, monkeypatch):
+    """Under row_pool the BGMV index of the rows is one tensor rewritten per assignment."""
+    from deltatune.core.layers import row_pool
+
+    monkeypatch.setenv("DELTATUNE_TRITON_BGMV", "add")
+    dm = dt.attach(tiny_llama(), dt.LoraConfig(r=4, target_modules="all-linear"), name="a")
+    dm.add("b", dt.LoraConfig(r=4, target_modules="all-linear"))
+    randomize_deltas(dm, std=0.1)
+    dm.to(dev).eval()
+    ids = token_batch(3, 1).to(dev)
+    seen = []
+    for names in (["a", None, "b"], ["b", "b", None], ["a", None, "b"]):
+        with torch.no_grad():
+            with fast_path("off"):
+                ref = dm(input_ids=ids, delta_names=names).logits
+            with fast_path("on"), row_pool(["a", "b"]):
+                got = dm(input_ids=ids, delta_names=names).logits
+        assert _rel(got, ref) < 1e-5
+        index = {id(bank): bank._rows[("pooled", "tokens", 1, 3)][1]
+                 for bank in multi_lora.banks_of(dm)}
+        seen.append(({k: id(v) for k, v in index.items()},
+                     {k: v.clone() for k, v in index.items()}))
+    assert seen[0][0] == seen[1][0] == seen[2][0]  # the same tensors every time
+    assert any(not torch.equal(seen[0][1][k], seen[1][1][k]) for k in seen[0][1])
+
+
+@kernel_test
 def test_layers_reading_different_inputs_keep_their_own_shrinks(dev, monkeypatch):
     """GPT-2: c_attn, attn.c_proj, mlp.c_fc and mlp.c_proj each read their own tensor."""
     monkeypatch.setenv("DELTATUNE_TRITON_BGMV", "add")

@@ -60,6 +60,29 @@ def row_deltas(names: Sequence[str | None] | None):
                 _ROUTED -= 1
 
 
+# A fixed set of deltas that per-row batches are laid out over (set by a decoder that
+# replays captured CUDA graphs): the fast paths then stack every delta of the set whatever
+# the rows use, so another row assignment changes index tensors only, not layouts.
+_ROW_POOL: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar(
+    "deltatune_row_pool", default=None
+)
+
+
+@contextmanager
+def row_pool(names: Sequence[str] | None):
+    """Lay per-row batches out over exactly the deltas ``names`` inside the context."""
+    token = _ROW_POOL.set(tuple(names) if names is not None else None)
+    try:
+        yield
+    finally:
+        _ROW_POOL.reset(token)
+
+
+def current_row_pool() -> tuple[str, ...] | None:
+    """Return the delta set of :func:`row_pool`, or None outside one."""
+    return _ROW_POOL.get()
+
+
 def current_row_deltas(batch_size: int) -> tuple[str | None, ...] | None:
     """Return the row assignment stretched to ``batch_size`` rows, or None when unset.
 
@@ -296,6 +319,13 @@ class DeltaLayer(WrapperModule):
         for i, n in enumerate(rows):
             groups.setdefault(n if n in self.deltas else None, []).append(i)
         deltas = {n: self.deltas[n] for n in groups if n is not None}
+        pool = current_row_pool()
+        if pool is not None:
+            # every delta of the pool, in its order, even those no row uses now: the
+            # fast paths' layouts then stay the same tensors for any row assignment
+            stacked = {n: self.deltas[n] for n in pool if n in self.deltas}
+            if set(deltas) <= set(stacked):
+                deltas = stacked
         if not any(d.modifies_input for d in deltas.values()):
             classes = {type(d) for d in deltas.values()}
             routed = [n if n in deltas else None for n in rows]
@@ -311,6 +341,8 @@ class DeltaLayer(WrapperModule):
                     return fast
             out = y.clone()
             for n, d in deltas.items():
+                if n not in groups:
+                    continue
                 idx = torch.tensor(groups[n], device=x.device)
                 out[idx] = d.post_forward(x[idx], y[idx])
             return out

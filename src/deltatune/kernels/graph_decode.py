@@ -11,8 +11,14 @@ in-place ``copy_`` of same-shaped tensors) changes what the next replay computes
 batches read the adapters through cached side-by-side layouts
 (:class:`~deltatune.kernels.multi_lora.AdapterBank`); :meth:`GraphDecoder.generate`
 rewrites those in place first when the adapters changed. Changing the *set or shape* of
-tensors (another rank, attaching a delta, merging) needs a new :class:`GraphDecoder`. Row
-routing (``delta_names``) is fixed at capture time.
+tensors (another rank, attaching a delta, merging) needs a new :class:`GraphDecoder`.
+Row routing given in ``forward_kwargs`` (``delta_names``) is fixed at capture time. A
+decoder built with ``adapters=[...]`` instead lays every layer's adapters out over that
+fixed set (:func:`~deltatune.core.layers.row_pool`) and takes ``delta_names`` per
+:meth:`GraphDecoder.generate` call: another assignment rewrites the rows' index tensors
+in place (:meth:`~deltatune.kernels.multi_lora.AdapterBank.reroute`), so the same graphs
+serve any mix of those adapters, as a server batching requests for different adapters
+needs.
 
 The prompt's forward pass (prefill) is captured too, one graph per prompt length
 (``graph_prefill``): run eagerly it costs as much Python dispatch as a decode step and,
@@ -39,6 +45,7 @@ from typing import Any
 import torch
 
 from deltatune.core.errors import ConfigError
+from deltatune.core.layers import row_pool
 from deltatune.kernels import multi_lora, triton_lora
 
 
@@ -72,7 +79,7 @@ class GraphDecoder:
                  use_graph: bool | None = None, graph_prefill: bool = True,
                  forward_kwargs: dict[str, Any] | None = None,
                  eos_token_id: int | Sequence[int] | None = None,
-                 pad_token_id: int = 0) -> None:
+                 pad_token_id: int = 0, adapters: Sequence[str] | None = None) -> None:
         from transformers import StaticCache
 
         self.model = model
@@ -83,6 +90,17 @@ class GraphDecoder:
         if self.use_graph and self.device.type != "cuda":
             raise ConfigError("CUDA graphs need the model on a CUDA device", field="use_graph")
         self.kwargs = dict(forward_kwargs or {})
+        # adapters=[...]: rows are routed per generate() call over this fixed set
+        self.pool = tuple(adapters) if adapters is not None else None
+        if self.pool is not None:
+            if "delta_names" in self.kwargs:
+                raise ConfigError("with adapters=[...] pass delta_names to generate(), not in "
+                                  "forward_kwargs", field="forward_kwargs")
+            if not callable(getattr(model, "get_delta", None)):
+                raise ConfigError("adapters=[...] needs a DeltaModel (its deltas are routed "
+                                  "per row)", field="adapters")
+            for name in self.pool:
+                model.get_delta(name)  # an unknown name fails here, with the known ones
         self._cache_arg = _cache_argument(model)
         config = getattr(model, "config", None) or model.model.config
         self.cache = StaticCache(config=config, max_cache_len=max_len)
@@ -137,8 +155,11 @@ class GraphDecoder:
         else:
             position_ids = positions.view(1, -1).expand(ids.shape[0], -1)
         extra[self._cache_arg] = self.cache
-        out = self.model(input_ids=ids, cache_position=positions, position_ids=position_ids,
-                         use_cache=True, logits_to_keep=1, **extra, **self.kwargs)
+        pooled = row_pool(self.pool) if self.pool is not None else contextlib.nullcontext()
+        with pooled:
+            out = self.model(input_ids=ids, cache_position=positions,
+                             position_ids=position_ids, use_cache=True, logits_to_keep=1,
+                             **extra, **self.kwargs)
         return out.logits[:, -1]
 
     def _is_eos(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -237,7 +258,8 @@ class GraphDecoder:
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, new_tokens: int,
-                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                 attention_mask: torch.Tensor | None = None,
+                 delta_names: Sequence[str | None] | None = None) -> torch.Tensor:
         """Return the ``new_tokens`` greedy tokens after ``input_ids`` (batch, new_tokens).
 
         Prompts of different lengths are left-padded, with ``attention_mask`` (1 for real
@@ -247,9 +269,32 @@ class GraphDecoder:
         produced EOS (rows that finished before are padded). The first call captures the
         graphs. Adapted linears take the fused Triton kernels here (on CUDA, with triton),
         in the eager warm-up that compiles them and in the captured steps alike.
+        ``delta_names`` (a decoder built with ``adapters=[...]``): each row's adapter among
+        them, or None for the base model; another assignment next call reuses the graphs.
         """
+        self._route(delta_names)
         with triton_lora.for_graphs():
             return self._generate(input_ids, new_tokens, attention_mask)
+
+    def _route(self, delta_names: Sequence[str | None] | None) -> None:
+        """Check this call's row assignment and set it (pooled decoders only)."""
+        if self.pool is None:
+            if delta_names is not None:
+                raise ConfigError("this decoder's rows are fixed when it is built "
+                                  "(forward_kwargs); build it with adapters=[...] to choose "
+                                  "each row's adapter per generate() call",
+                                  field="delta_names")
+            return
+        names = list(delta_names) if delta_names is not None else [None] * self.batch
+        if len(names) != self.batch:
+            raise ConfigError(f"delta_names has {len(names)} entries for a batch of "
+                              f"{self.batch}", field="delta_names")
+        unknown = sorted({n for n in names if n is not None and n not in self.pool})
+        if unknown:
+            raise ConfigError(f"delta_names uses {', '.join(map(repr, unknown))}, not among "
+                              f"this decoder's adapters ({', '.join(self.pool)}); build a "
+                              f"decoder with them", field="delta_names")
+        self.kwargs["delta_names"] = names
 
     def _set_padding(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
                      ) -> None:
@@ -295,6 +340,9 @@ class GraphDecoder:
             if self.graph is not None:
                 self._banks = banks
         multi_lora.refresh_layouts(banks)
+        if self.pool is not None:  # graphs read the rows' index tensors: rewrite them
+            for bank in banks:
+                bank.reroute(self.kwargs["delta_names"])
         first = self._finish(self._prefill(input_ids))
         out = [first]
         self.ids.copy_(first.view(-1, 1))

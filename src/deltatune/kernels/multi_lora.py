@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from deltatune.core.layers import current_row_pool
 from deltatune.kernels import triton_lora
 from deltatune.kernels.shared_shrink import SIBLINGS, ShrinkGroup, shared_shrink
 
@@ -293,16 +294,16 @@ class AdapterBank:
         if kind not in self._layouts:
             self._layouts[kind] = self._build(kind, As, Bs, scales, x.dtype)
         a_stack, b_stack, b_concat = self._layouts[kind]
-        rows = tuple(row_adapter)
-        if len(self._rows) > 64:
-            self._rows.clear()
-        if ("tokens", rows, tokens) not in self._rows:
-            base_entry = len(As)
+        base_entry = len(As)
+
+        def token_index(rows: tuple) -> torch.Tensor:
             per_row = [k if k >= 0 else base_entry for k in rows]
-            self._rows["tokens", rows, tokens] = torch.tensor(
-                [k for k in per_row for _ in range(tokens)], dtype=torch.int32,
-                device=x.device)
-        x2, index = x.reshape(total, d_in), self._rows["tokens", rows, tokens]
+            return torch.tensor([k for k in per_row for _ in range(tokens)],
+                                dtype=torch.int32, device=x.device)
+
+        rows = tuple(row_adapter)
+        x2 = x.reshape(total, d_in)
+        index = self._row_tensor(self._rows, ("tokens", tokens), rows, token_index)
         if kind[1].startswith("add-"):
             # cuBLAS streams W, the kernel adds only the LoRA term into its output; layers
             # reading the same input share one shrink launch
@@ -323,23 +324,68 @@ class AdapterBank:
                cache: bool) -> torch.Tensor:
         tokens = x.numel() // max(x.shape[0] * x.shape[-1], 1)
         layouts, row_cache = (self._layouts, self._rows) if cache else ({}, {})
-        if len(row_cache) > 64:
-            row_cache.clear()
         if tokens <= DECODE_TOKENS:
             if "concat" not in layouts:
                 layouts["concat"] = self._build("concat", As, Bs, scales, x.dtype)
             a_cat, b_cat, offsets = layouts["concat"]
-            if ("mask", rows) not in row_cache:
-                row_cache["mask", rows] = concat_mask(rows, offsets, x.dtype, x.device)
-            return multi_lora_concat(x, y, row_cache["mask", rows], a_cat, b_cat)
+            mask = self._row_tensor(row_cache, ("mask",), rows, lambda rows: concat_mask(
+                rows, offsets, x.dtype, x.device))
+            return multi_lora_concat(x, y, mask, a_cat, b_cat)
         if "padded" not in layouts:
             layouts["padded"] = self._build("padded", As, Bs, scales, x.dtype)
         a_stack, b_stack = layouts["padded"]
-        if ("index", rows) not in row_cache:
-            base_entry = len(As)
-            row_cache["index", rows] = torch.tensor(
-                [k if k >= 0 else base_entry for k in rows], device=x.device)
-        return multi_lora_gathered(x, y, row_cache["index", rows], a_stack, b_stack)
+        base_entry = len(As)
+        index = self._row_tensor(row_cache, ("index",), rows, lambda rows: torch.tensor(
+            [k if k >= 0 else base_entry for k in rows], device=x.device))
+        return multi_lora_gathered(x, y, index, a_stack, b_stack)
+
+    @staticmethod
+    def _row_tensor(row_cache: dict, what: tuple, rows: tuple, build) -> torch.Tensor:
+        """Return the per-row tensor ``what`` for the row assignment ``rows`` (positions in
+        the adapters, -1 for the base), built by ``build(rows)`` and cached.
+
+        Inside :func:`~deltatune.core.layers.row_pool` there is one tensor per kind and
+        row count, rewritten in place for another assignment, so a captured CUDA graph
+        that reads it follows (:meth:`reroute` rewrites it before a replay).
+        """
+        if current_row_pool() is None:
+            key = (*what, rows)
+            if key not in row_cache:
+                if len(row_cache) > 64:  # forget other assignments (never the pooled ones)
+                    for old in [k for k in row_cache if k[0] != "pooled"]:
+                        del row_cache[old]
+                row_cache[key] = build(rows)
+            return row_cache[key]
+        key = ("pooled", *what, len(rows))
+        entry = row_cache.get(key)
+        if entry is None:
+            entry = row_cache[key] = [rows, build(rows), build]
+        elif entry[0] != rows:
+            with torch.no_grad():
+                entry[1].copy_(build(rows))
+            entry[0] = rows
+        return entry[1]
+
+    def reroute(self, row_names: Sequence[str | None]) -> int:
+        """Rewrite in place the pooled per-row tensors for rows routed to the adapters
+        ``row_names`` (one name per row, None or an adapter this layer lacks: the base).
+
+        A graph captured under :func:`~deltatune.core.layers.row_pool` runs no Python, so
+        the decoder calls this before replaying with another row assignment. Returns how
+        many tensors were rewritten.
+        """
+        if self._key is None:
+            return 0
+        names = list(self._key[0])
+        rows = tuple(names.index(n) if n in names else -1 for n in row_names)
+        count = 0
+        for key, entry in self._rows.items():
+            if key[0] == "pooled" and key[-1] == len(rows) and entry[0] != rows:
+                with torch.no_grad():
+                    entry[1].copy_(entry[2](rows))
+                entry[0] = rows
+                count += 1
+        return count
 
 
 def banks_of(model: torch.nn.Module) -> list[AdapterBank]:
