@@ -959,6 +959,26 @@ def graph_decode_bench(shape: str, decode_tokens: int, reps: int,
         log(f"  graph {shape} mixed adapter switch failed: {type(e).__name__}: {e}")
     dec = None
     try:
+        # a pooled decoder (adapters=[...]): another row assignment per call, same graphs
+        dec = GraphDecoder(net, 32, max_len, adapters=names32)
+        shuffled = [names32[(7 * i + 3) % 32] for i in range(32)]
+        for rows in ([names32[i % 32] for i in range(32)], shuffled):
+            sec = timeit(lambda rows=rows, pooled=dec: pooled.generate(
+                short, decode_tokens, delta_names=rows), 3, 1)
+            step = time_step(dec, 12)
+            want = GraphDecoder(net, 32, max_len, use_graph=False,
+                                forward_kwargs={"delta_names": rows}).generate(short,
+                                                                               decode_tokens)
+            same = float((dec.generate(short, decode_tokens, delta_names=rows) == want)
+                         .float().mean())
+            record("mixed-32 pooled, rerouted" if rows is shuffled else "mixed-32 pooled", 32,
+                   sec / decode_tokens, captures=dec.captures, tokens_equal_eager=same,
+                   step_ms=round(step * 1e3, 4))
+    except Exception as e:  # report, keep going
+        log(traceback.format_exc(limit=-4))
+        log(f"  graph {shape} pooled decoder failed: {type(e).__name__}: {e}")
+    dec = None
+    try:
         # adapter switch: copy a1's tensors into a0's (what a server does between
         # requests), a0 being the one active delta; the captured decoder replays the same
         # graph and must give what an eager decode with the new weights gives.
