@@ -15,8 +15,8 @@ The fast paths are cuBLAS-shaped reorderings of the same math (see docs/performa
   under CUDA-graph decoding (:mod:`.graph_decode`);
 - :mod:`.shared_shrink`: layers reading the same input (q, k, v; gate, up) share one
   BGMV shrink launch in a mixed-adapter decode step;
-- :mod:`.graph_decode`: greedy decoding replayed from CUDA graphs, left-padded prompts
-  included.
+- :mod:`.graph_decode`: decoding replayed from CUDA graphs (left-padded prompts, rows
+  routed per call over a fixed adapter set), greedy or sampled (:mod:`.sampling`).
 
 Which path runs is decided by :func:`fast_path_enabled`: with the default mode
 ``"auto"`` only CUDA tensors take the fast paths, so CPU results stay exactly those of

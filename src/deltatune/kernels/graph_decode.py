@@ -1,4 +1,4 @@
-"""Greedy decoding with a static KV cache, each step replayed from one captured CUDA graph.
+"""Decoding with a static KV cache, each step replayed from one captured CUDA graph.
 
 Decoding one token with a 1B model is ~100 small kernels whose launch and Python dispatch
 cost more than their arithmetic (docs/performance.md); LoRA adds a few per layer. Replaying
@@ -47,6 +47,7 @@ import torch
 from deltatune.core.errors import ConfigError
 from deltatune.core.layers import row_pool
 from deltatune.kernels import multi_lora, triton_lora
+from deltatune.kernels.sampling import Sampling, pick
 
 
 def _cache_argument(model: torch.nn.Module) -> str:
@@ -61,9 +62,11 @@ def _cache_argument(model: torch.nn.Module) -> str:
 
 
 class GraphDecoder:
-    """Greedy decoding of ``batch`` rows up to ``max_len`` tokens, one CUDA graph per step.
+    """Decoding of ``batch`` rows up to ``max_len`` tokens, one CUDA graph per step.
 
     ``forward_kwargs`` go to every forward call (e.g. ``delta_names`` for a mixed batch).
+    ``sampling`` (:class:`~deltatune.kernels.sampling.Sampling`: temperature, top-k,
+    top-p) draws each token inside the graphs instead of taking the argmax.
     ``graph_prefill`` (default True) replays the prompt's forward pass from a graph as
     well, one per prompt length seen. With ``eos_token_id`` (one id or several) a row that
     produced one gets ``pad_token_id`` afterwards and decoding stops once every row has
@@ -79,7 +82,8 @@ class GraphDecoder:
                  use_graph: bool | None = None, graph_prefill: bool = True,
                  forward_kwargs: dict[str, Any] | None = None,
                  eos_token_id: int | Sequence[int] | None = None,
-                 pad_token_id: int = 0, adapters: Sequence[str] | None = None) -> None:
+                 pad_token_id: int = 0, adapters: Sequence[str] | None = None,
+                 sampling: Sampling | None = None) -> None:
         from transformers import StaticCache
 
         self.model = model
@@ -90,6 +94,7 @@ class GraphDecoder:
         if self.use_graph and self.device.type != "cuda":
             raise ConfigError("CUDA graphs need the model on a CUDA device", field="use_graph")
         self.kwargs = dict(forward_kwargs or {})
+        self.sampling = sampling  # None: greedy
         # adapters=[...]: rows are routed per generate() call over this fixed set
         self.pool = tuple(adapters) if adapters is not None else None
         if self.pool is not None:
@@ -176,7 +181,7 @@ class GraphDecoder:
 
     def _step(self) -> None:
         # argmax on the device into a fixed buffer: nothing leaves the graph
-        self.next.copy_(self._finish(self._forward(self.ids, self.pos).argmax(-1)))
+        self.next.copy_(self._finish(pick(self._forward(self.ids, self.pos), self.sampling)))
 
     def _counters(self) -> list[torch.Tensor]:
         # recent transformers keep each static layer's fill level in a device tensor that
@@ -228,7 +233,7 @@ class GraphDecoder:
         length = input_ids.shape[1]
         if not (self.use_graph and self.graph_prefill):
             prompt = torch.arange(length, device=self.device)
-            return self._forward(input_ids.to(self.device), prompt).argmax(-1)
+            return pick(self._forward(input_ids.to(self.device), prompt), self.sampling)
         entry = self._prefills.get((length, self.padded))
         if entry is None:
             prompt = torch.arange(length, device=self.device)
@@ -236,7 +241,7 @@ class GraphDecoder:
             first = torch.zeros(self.batch, dtype=torch.long, device=self.device)
 
             def run(ids=ids, prompt=prompt, first=first) -> None:
-                first.copy_(self._forward(ids, prompt).argmax(-1))
+                first.copy_(pick(self._forward(ids, prompt), self.sampling))
 
             self._warm_up(run)
             self.cache.reset()
@@ -260,7 +265,8 @@ class GraphDecoder:
     def generate(self, input_ids: torch.Tensor, new_tokens: int,
                  attention_mask: torch.Tensor | None = None,
                  delta_names: Sequence[str | None] | None = None) -> torch.Tensor:
-        """Return the ``new_tokens`` greedy tokens after ``input_ids`` (batch, new_tokens).
+        """Return the ``new_tokens`` tokens after ``input_ids`` (batch, new_tokens): greedy,
+        or drawn under the decoder's ``sampling``.
 
         Prompts of different lengths are left-padded, with ``attention_mask`` (1 for real
         tokens, 0 for the padding on the left, as a tokenizer with ``padding_side="left"``
