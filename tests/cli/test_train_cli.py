@@ -206,3 +206,32 @@ def test_generate_with_several_deltas_says_which_row_uses_which(model_dir, two_d
     assert main([*base, "--delta", f"a={two_deltas['a']}", "--delta",
                  f"a={two_deltas['b']}", "--each"]) == 2
     assert "two deltas are named 'a'" in capsys.readouterr().err
+
+
+def test_generate_fast_equals_the_models_generate(model_dir, two_deltas, capsys):
+    # five prompts of different lengths in chunks of 2 (the last one filled up), through
+    # both deltas and the base: the static-cache decoder gives generate()'s tokens
+    prompts = ["word cat", "a longer prompt here", "x", "word dog dog", "emu"]
+    flags = [x for p in prompts for x in ("--prompt", p)]
+    both = ["--delta", str(two_deltas["a"]), "--delta", str(two_deltas["b"]), "--each",
+            "--base-too", "--batch-size", "4"]
+    plain = _generate(model_dir, capsys, *both, *flags)
+    assert _generate(model_dir, capsys, *both, *flags, "--fast") == plain
+    one = _generate(model_dir, capsys, "--delta", str(two_deltas["a"]), "--batch-size", "2",
+                    *flags)
+    assert _generate(model_dir, capsys, "--delta", str(two_deltas["a"]), "--batch-size", "2",
+                     "--fast", *flags) == one
+
+
+def test_generate_samples_reproducibly_and_top_k_1_is_greedy(model_dir, two_deltas, capsys):
+    flags = ["--delta", str(two_deltas["a"]), "--prompt", "word cat", "--prompt", "a b c"]
+    greedy = _generate(model_dir, capsys, *flags)
+    for fast in ([], ["--fast"]):
+        assert _generate(model_dir, capsys, *flags, *fast, "--top-k", "1") == greedy
+        first = _generate(model_dir, capsys, *flags, *fast, "--sample", "--seed", "3")
+        assert _generate(model_dir, capsys, *flags, *fast, "--sample", "--seed", "3") == first
+        hot = [_generate(model_dir, capsys, *flags, *fast, "--temperature", "5", "--seed",
+                         str(seed)) for seed in range(4)]
+        assert any(h != hot[0] for h in hot)  # a hot distribution: the seed matters
+    assert main(["generate", "--model", str(model_dir), *flags, "--top-p", "2"]) == 2
+    assert "top_p must be in (0, 1]" in capsys.readouterr().err

@@ -31,6 +31,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="with --each: the base model as well")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--sample", action="store_true",
+                   help="draw tokens instead of greedy decoding (implied by the next three)")
+    p.add_argument("--temperature", type=float, help="sampling temperature (default 1.0)")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, help="sample from the nucleus of this probability")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the sampling")
+    p.add_argument("--fast", action="store_true",
+                   help="decode with a static KV cache, each step a CUDA graph on a GPU "
+                        "(the same steps eagerly elsewhere)")
     p.add_argument("--chat-template", choices=["auto", "true", "false"], default="auto",
                    help="wrap prompts in the tokenizer's chat template (default: if it has one)")
     p.add_argument("--system-prompt", help="system message before every prompt")
@@ -104,6 +113,17 @@ def _routes(args: argparse.Namespace, prompts: list, columns: list, names: list[
     return prompts, None
 
 
+def _sampling(args: argparse.Namespace):
+    """The Sampling the flags ask for, or None for greedy decoding."""
+    from deltatune.kernels.sampling import Sampling
+
+    given = {k: v for k, v in (("temperature", args.temperature), ("top_k", args.top_k),
+                                ("top_p", args.top_p)) if v is not None}
+    if not (args.sample or given):
+        return None
+    return Sampling(**given)
+
+
 def run(args: argparse.Namespace) -> int:
     """Load the model and deltas, generate for each prompt, print the outputs; return 0."""
     from deltatune import data, models
@@ -127,8 +147,13 @@ def run(args: argparse.Namespace) -> int:
     target, names = _load_deltas(model, args.delta, args.check_base)
     prompts, routed = _routes(args, prompts, columns, names)
     examples = [task.encode_prompt(p) for p in prompts]
+    sampling = _sampling(args)
+    if sampling is not None:
+        import torch
+
+        torch.manual_seed(args.seed)
     outputs = task.generate(target, examples, batch_size=args.batch_size, progress=True,
-                            delta_names=routed)
+                            delta_names=routed, sampling=sampling, graphs=args.fast)
     for i, (prompt, out) in enumerate(zip(prompts, outputs)):
         delta = None if routed is None else routed[i] or "base"
         if args.json:

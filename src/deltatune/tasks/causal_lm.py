@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from deltatune import metrics
 from deltatune.core.errors import ConfigError, DataError
+from deltatune.kernels.sampling import Sampling
 from deltatune.tasks.base import (
     IGNORE,
     Batch,
@@ -323,11 +324,15 @@ class CausalLMSFT(CausalLMBase):
     @torch.no_grad()
     def generate(self, model: Any, examples: Sequence[Example], *, batch_size: int = 8,
                  max_new_tokens: int | None = None, progress: bool = False,
-                 delta_names: Sequence[str | None] | None = None) -> list[str]:
-        """Greedy continuations of each example's prompt (left-padded batches); return texts.
+                 delta_names: Sequence[str | None] | None = None,
+                 sampling: Sampling | None = None, graphs: bool = False) -> list[str]:
+        """Continuations of each example's prompt (left-padded batches); return texts.
 
-        ``delta_names`` (one per example, a :class:`~deltatune.DeltaModel`'s delta or None
-        for the base model) runs each row through its own delta, in mixed batches.
+        Greedy, or drawn under ``sampling`` (temperature, top-k, top-p). ``delta_names``
+        (one per example, a :class:`~deltatune.DeltaModel`'s delta or None for the base
+        model) runs each row through its own delta, in mixed batches. ``graphs`` decodes
+        with a static cache through :func:`~deltatune.kernels.graph_generate.graph_generate`
+        (each step a CUDA graph on a GPU) instead of the model's ``generate``.
         """
         from tqdm.auto import tqdm
 
@@ -341,6 +346,22 @@ class CausalLMSFT(CausalLMBase):
         if delta_names is not None and len(delta_names) != len(examples):
             raise ValueError(f"delta_names has {len(delta_names)} entries for "
                              f"{len(examples)} examples")
+        if graphs:
+            from deltatune.kernels.graph_generate import graph_generate
+
+            bar = tqdm(total=-(-len(examples) // batch_size), desc="generate",
+                       disable=not progress, leave=False)
+            new = graph_generate(model, [e["input_ids"][:e["prompt_len"]] for e in examples],
+                                 batch_size=batch_size,
+                                 max_new_tokens=max_new_tokens or self.max_new_tokens,
+                                 pad_id=self.pad_id, eos_ids=sorted(eos),
+                                 delta_names=delta_names, sampling=sampling,
+                                 on_chunk=bar.update)
+            bar.close()
+            return [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in new]
+        draw = {} if sampling is None else dict(
+            do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k,
+            top_p=sampling.top_p)
         chunks = list(batched(range(len(examples)), batch_size))
         for chunk in tqdm(chunks, desc="generate", disable=not progress, leave=False):
             prompts = [examples[i]["input_ids"][:examples[i]["prompt_len"]] for i in chunk]
@@ -348,10 +369,10 @@ class CausalLMSFT(CausalLMBase):
             mask = pad_to([[1] * len(p) for p in prompts], 0, left=True).to(device)
             routing = {} if delta_names is None else {
                 "delta_names": [delta_names[i] for i in chunk]}
-            gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+            gen = model.generate(input_ids=ids, attention_mask=mask,
                                  max_new_tokens=max_new_tokens or self.max_new_tokens,
                                  pad_token_id=self.pad_id, eos_token_id=sorted(eos) or None,
-                                 **routing)
+                                 **({"do_sample": False} | draw | routing))
             for row in gen[:, ids.shape[1]:]:
                 outs.append(self.tokenizer.decode(row.tolist(), skip_special_tokens=True).strip())
         return outs
