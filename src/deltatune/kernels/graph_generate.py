@@ -38,6 +38,7 @@ def graph_generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *,
                            pad_token_id=pad_id, sampling=sampling,
                            adapters=pool if delta_names is not None else None)
     outputs: list[list[int]] = []
+    stop = set(eos_ids)
     for start in range(0, len(prompts), batch):
         rows = list(range(start, min(start + batch, len(prompts))))
         filled = rows + [rows[0]] * (batch - len(rows))
@@ -51,7 +52,7 @@ def graph_generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *,
                                delta_names=routing)
         for r in range(len(rows)):
             tokens = new[r].tolist()
-            stops = [k for k, t in enumerate(tokens) if t in set(eos_ids)]
+            stops = [k for k, t in enumerate(tokens) if t in stop]
             outputs.append(tokens[:stops[0] + 1] if stops else tokens)
         if on_chunk is not None:
             on_chunk()
