@@ -864,24 +864,27 @@ def graph_decode_bench(shape: str, decode_tokens: int, reps: int,
     for i in range(padding.shape[0]):
         padding[i, :i % 8] = 0
 
-    def run(net, what, batches=(1, 32), rows=None, padded=False):
+    def run(net, what, batches=(1, 32), rows=None, padded=False, sampling=None):
         for b in batches:
             kw = None if rows is None else {"delta_names": rows[:b]}
             mask = padding[:b] if padded else None
+            opts = dict(forward_kwargs=kw, sampling=sampling)
 
             def gen(dec, b=b, mask=mask):
                 return dec.generate(short[:b], decode_tokens, attention_mask=mask)
             try:
-                dec = GraphDecoder(net, b, max_len, forward_kwargs=kw)
+                dec = GraphDecoder(net, b, max_len, **opts)
                 sec = timeit(lambda dec=dec: gen(dec), reps, 1)
                 # one decode step alone (the captured graph replayed at the last position)
                 step = time_step(dec, 4 * reps)
                 # the prompt's forward pass run eagerly, as before prefill graphs
-                old = GraphDecoder(net, b, max_len, forward_kwargs=kw, graph_prefill=False)
+                old = GraphDecoder(net, b, max_len, graph_prefill=False, **opts)
                 sec_eager_prefill = timeit(lambda dec=old: gen(dec), reps, 1)
                 # the same static-cache steps without the graph: the replay must agree
-                eager = GraphDecoder(net, b, max_len, forward_kwargs=kw, use_graph=False)
-                same = float((gen(dec) == gen(eager)).float().mean())
+                # (sampled tokens differ by design: not compared)
+                eager = GraphDecoder(net, b, max_len, use_graph=False, **opts)
+                same = math.nan if sampling else float(
+                    (gen(dec) == gen(eager)).float().mean())
                 from deltatune.kernels.multi_lora import banks_of
                 groups = sum(bank.shrink_group is not None and bank.shrink_group.banks[0] is bank
                              for bank in banks_of(net))
@@ -904,6 +907,9 @@ def graph_decode_bench(shape: str, decode_tokens: int, reps: int,
     net.eval()
     run(net, "unmerged")
     run(net, "unmerged, left-padded", (32,), padded=True)
+    from deltatune.kernels.sampling import Sampling
+    run(net, "unmerged, sampled", (32,), sampling=Sampling(temperature=0.7, top_k=50,
+                                                           top_p=0.9))
     net.merge()
     run(net, "merged")
     run(net, "merged, left-padded", (32,), padded=True)
