@@ -269,16 +269,21 @@ def test_layers_reading_one_input_share_one_shrink(dev, monkeypatch):
         assert shrinks["n"] == want and _rel(got, ref) < 1e-5
 
 
+def _two_loras(model, dev) -> dt.DeltaModel:
+    """``model`` with LoRA deltas "a" and "b" (r=4, every linear), random, on ``dev``."""
+    dm = dt.attach(model, dt.LoraConfig(r=4, target_modules="all-linear"), name="a")
+    dm.add("b", dt.LoraConfig(r=4, target_modules="all-linear"))
+    randomize_deltas(dm, std=0.1)
+    return dm.to(dev).eval()
+
+
 @kernel_test
 def test_pooled_rows_reroute_the_kernels_index_in_place(dev, monkeypatch):
     """Under row_pool the BGMV index of the rows is one tensor rewritten per assignment."""
     from deltatune.core.layers import row_pool
 
     monkeypatch.setenv("DELTATUNE_TRITON_BGMV", "add")
-    dm = dt.attach(tiny_llama(), dt.LoraConfig(r=4, target_modules="all-linear"), name="a")
-    dm.add("b", dt.LoraConfig(r=4, target_modules="all-linear"))
-    randomize_deltas(dm, std=0.1)
-    dm.to(dev).eval()
+    dm = _two_loras(tiny_llama(), dev)
     ids = token_batch(3, 1).to(dev)
     seen = []
     for names in (["a", None, "b"], ["b", "b", None], ["a", None, "b"]):
@@ -300,10 +305,7 @@ def test_pooled_rows_reroute_the_kernels_index_in_place(dev, monkeypatch):
 def test_layers_reading_different_inputs_keep_their_own_shrinks(dev, monkeypatch):
     """GPT-2: c_attn, attn.c_proj, mlp.c_fc and mlp.c_proj each read their own tensor."""
     monkeypatch.setenv("DELTATUNE_TRITON_BGMV", "add")
-    dm = dt.attach(tiny_gpt2(), dt.LoraConfig(r=4, target_modules="all-linear"), name="a")
-    dm.add("b", dt.LoraConfig(r=4, target_modules="all-linear"))
-    randomize_deltas(dm, std=0.1)
-    dm.to(dev).eval()
+    dm = _two_loras(tiny_gpt2(), dev)
     ids, names = token_batch(2, 1).to(dev), ["a", "b"]
     for _ in range(2):
         with torch.no_grad():
