@@ -329,3 +329,21 @@ def test_cuda_graph_with_eos_equals_eager():
     want = GraphDecoder(dm, 4, 40, use_graph=False, eos_token_id=eos).generate(ids, 20)
     gd = GraphDecoder(dm, 4, 40, eos_token_id=eos)
     assert torch.equal(gd.generate(ids, 20), want) and torch.equal(gd.generate(ids, 20), want)
+
+
+def test_pooled_left_padded_decoding_with_stop_tokens_matches_hf_generate():
+    # everything at once: rows of different lengths, each through its own adapter (chosen
+    # per call), two stop tokens; HF generate with the same routing is the reference
+    dm = _three_adapters()
+    ids, mask = _left_padded([5, 2, 7, 4])
+    gd = GraphDecoder(dm, 4, 24, adapters=["default", "b", "c"], eos_token_id=None)
+    for rows in (["default", "b", None, "c"], ["c", None, "b", "b"]):
+        free = gd.generate(ids, 10, attention_mask=mask, delta_names=rows)
+        eos = [int(free[0, 3]), int(free[2, 5])]
+        want = dm.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                           pad_token_id=0, eos_token_id=eos, delta_names=rows)
+        got = GraphDecoder(dm, 4, 24, adapters=["default", "b", "c"], eos_token_id=eos,
+                           pad_token_id=0).generate(ids, 10, attention_mask=mask,
+                                                    delta_names=rows)
+        assert torch.equal(got, want[:, ids.shape[1]:ids.shape[1] + got.shape[1]])
+        assert want.shape[1] - ids.shape[1] == got.shape[1]
