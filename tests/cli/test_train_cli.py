@@ -235,3 +235,18 @@ def test_generate_samples_reproducibly_and_top_k_1_is_greedy(model_dir, two_delt
         assert any(h != hot[0] for h in hot)  # a hot distribution: the seed matters
     assert main(["generate", "--model", str(model_dir), *flags, "--top-p", "2"]) == 2
     assert "top_p must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_eval_fast_gives_the_same_rouge(model_dir, files, two_deltas, capsys):
+    _, val, general = files
+    reports = []
+    for fast in ([], ["--fast"]):
+        assert main(["eval", "--model", str(model_dir), "--delta", str(two_deltas["a"]),
+                     "--data", str(val), "--max-new-tokens", "5", "--json", *fast]) == 0
+        reports.append(json.loads(capsys.readouterr().out))
+    assert reports[0]["with_delta"]["rouge_l"] == reports[1]["with_delta"]["rouge_l"]
+    assert reports[0] == reports[1]
+    assert main(["eval", "--model", str(model_dir), "--data", str(general), "--task",
+                 "causal-lm", "--fast"]) == 2
+    assert "--fast speeds up generation; task 'causal-lm' does not generate" in \
+        capsys.readouterr().err

@@ -65,6 +65,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="SFT: use the tokenizer's chat template (default: when it has one)")
     p.add_argument("--system-prompt", help="SFT: system message before every prompt")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--fast", action="store_true",
+                   help="SFT: generate (ROUGE-L) with a static KV cache, each step a CUDA "
+                        "graph on a GPU (the same greedy tokens)")
     p.add_argument("--base-too", action="store_true",
                    help="also evaluate the base model (delta disabled) on --data")
     p.add_argument("--forgetting", metavar="GENERAL_FILE",
@@ -146,6 +149,11 @@ def run(args: argparse.Namespace) -> int:
     general = data.read(args.forgetting) if args.forgetting else None
     model, tokenizer = task_setup.load_model(args.model, name, opts)
     task = task_setup.build_task(name, tokenizer, model, opts)
+    if args.fast:
+        if not hasattr(task, "graph_generation"):
+            raise ConfigError(f"--fast speeds up generation; task {name!r} does not generate",
+                              field="fast")
+        task.graph_generation = True
     dm = DeltaModel(model)
     if args.delta:
         dm.load_delta(args.delta, check_base=args.check_base)

@@ -189,6 +189,8 @@ class CausalLMSFT(CausalLMBase):
         """
         super().__init__(tokenizer, max_length=max_length, model=model,
                          max_truncated=max_truncated)
+        # evaluate()'s generations through the static-cache graph decoder (same tokens)
+        self.graph_generation = False
         has_template = bool(getattr(tokenizer, "chat_template", None))
         if chat_template and not has_template:
             raise ConfigError("chat_template=True but the tokenizer has no chat template; "
@@ -384,7 +386,8 @@ class CausalLMSFT(CausalLMBase):
         n = len(examples) if self.generate_examples is None else self.generate_examples
         if n > 0:
             subset = list(examples[:n])
-            preds = self.generate(model, subset, batch_size=batch_size, progress=progress)
+            preds = self.generate(model, subset, batch_size=batch_size, progress=progress,
+                                  graphs=self.graph_generation)
             result["rouge_l"] = metrics.rouge_l(preds, [e["references"] for e in subset])
         return result
 
