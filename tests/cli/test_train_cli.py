@@ -240,13 +240,29 @@ def test_generate_samples_reproducibly_and_top_k_1_is_greedy(model_dir, two_delt
 def test_eval_fast_gives_the_same_rouge(model_dir, files, two_deltas, capsys):
     _, val, general = files
     reports = []
-    for fast in ([], ["--fast"]):
+    for fast in ([], ["--fast-generate"]):
         assert main(["eval", "--model", str(model_dir), "--delta", str(two_deltas["a"]),
                      "--data", str(val), "--max-new-tokens", "5", "--json", *fast]) == 0
         reports.append(json.loads(capsys.readouterr().out))
     assert reports[0]["with_delta"]["rouge_l"] == reports[1]["with_delta"]["rouge_l"]
     assert reports[0] == reports[1]
     assert main(["eval", "--model", str(model_dir), "--data", str(general), "--task",
-                 "causal-lm", "--fast"]) == 2
-    assert "--fast speeds up generation; task 'causal-lm' does not generate" in \
+                 "causal-lm", "--fast-generate"]) == 2
+    assert "option(s) fast_generate do not apply to task 'causal-lm'" in \
         capsys.readouterr().err
+
+
+def test_train_fast_generate_is_recorded_and_gives_the_same_evaluation(model_dir, files,
+                                                                      tmp_path):
+    train, val, _ = files
+    results = []
+    for fast in ([], ["--fast-generate"]):
+        out = tmp_path / f"run{len(fast)}"
+        assert main(["train", "--model", str(model_dir), "--data", str(train), "--eval-data",
+                     str(val), "--out", str(out), "--r", "2", "--epochs", "1",
+                     "--batch-size", "4", "--lr", "0.05", "--max-new-tokens", "4",
+                     "--no-progress", *fast]) == 0
+        run = yaml.safe_load((out / "run.yaml").read_text())
+        assert run["task_options"].get("fast_generate") is (True if fast else None)
+        results.append(run["result"]["final_eval"])
+    assert results[0] == results[1] and "rouge_l" in results[0]

@@ -28,7 +28,7 @@ from typing import Any
 
 # eval flags that set a task option (None = not given)
 TASK_FLAGS = ("max_length", "max_new_tokens", "generate_examples", "labels", "template",
-              "loss", "max_target_length", "chat_template", "system_prompt")
+              "loss", "max_target_length", "chat_template", "system_prompt", "fast_generate")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -65,7 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="SFT: use the tokenizer's chat template (default: when it has one)")
     p.add_argument("--system-prompt", help="SFT: system message before every prompt")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--fast", action="store_true",
+    p.add_argument("--fast-generate", action="store_true", default=None,
                    help="SFT: generate (ROUGE-L) with a static KV cache, each step a CUDA "
                         "graph on a GPU (the same greedy tokens)")
     p.add_argument("--base-too", action="store_true",
@@ -149,11 +149,6 @@ def run(args: argparse.Namespace) -> int:
     general = data.read(args.forgetting) if args.forgetting else None
     model, tokenizer = task_setup.load_model(args.model, name, opts)
     task = task_setup.build_task(name, tokenizer, model, opts)
-    if args.fast:
-        if not hasattr(task, "graph_generation"):
-            raise ConfigError(f"--fast speeds up generation; task {name!r} does not generate",
-                              field="fast")
-        task.graph_generation = True
     dm = DeltaModel(model)
     if args.delta:
         dm.load_delta(args.delta, check_base=args.check_base)

@@ -38,11 +38,11 @@ OWN_FLAGS = {"model", "data", "eval_data", "out", "config", "method", "set_optio
              "val_fraction", "column", "mix_general", "mix_ratio", "general_column",
              "max_length", "chat_template", "system_prompt", "max_new_tokens",
              "generate_examples", "max_truncated", "labels", "verbalizer", "template", "loss",
-             "max_target_length", "no_progress", "handler", "command"}
+             "max_target_length", "fast_generate", "no_progress", "handler", "command"}
 # flags that set an option of the task (the same name in the run file's task_options)
 TASK_FLAGS = ("max_length", "chat_template", "system_prompt", "max_new_tokens",
               "generate_examples", "max_truncated", "labels", "template", "loss",
-              "max_target_length")
+              "max_target_length", "fast_generate")
 TRAIN_SKIP = {"output_dir", "progress", "handle_signals", "lr_ratios"}
 
 
@@ -110,6 +110,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--max-new-tokens", type=int, help="generation length in evaluation")
     t.add_argument("--generate-examples", type=int,
                    help="evaluation examples to generate for ROUGE-L (default all; 0 = none)")
+    t.add_argument("--fast-generate", action="store_true", default=None,
+                   help="those generations with a static KV cache, each step a CUDA graph "
+                        "on a GPU (the same greedy tokens)")
     t.add_argument("--max-truncated", type=float,
                    help="largest share of examples that may be cut at max-length (0.05)")
     t.add_argument("--labels", type=_comma_list, metavar="A,B,...",

@@ -181,16 +181,18 @@ class CausalLMSFT(CausalLMBase):
                  response_column: str = "response", messages_column: str = "messages",
                  separator: str = "\n", system_prompt: str | None = None,
                  max_new_tokens: int = 64, generate_examples: int | None = None,
-                 max_truncated: float = 0.05) -> None:
+                 max_truncated: float = 0.05, fast_generate: bool = False) -> None:
         """``chat_template``: None = use the tokenizer's template when it has one.
 
         ``generate_examples``: how many evaluation examples to generate for (ROUGE-L);
         None = all, 0 = none. ``max_new_tokens`` bounds each generation.
+        ``fast_generate``: those generations through the static-cache graph decoder
+        (:meth:`generate` with ``graphs=True``; the same greedy tokens, CUDA graphs on a
+        GPU).
         """
         super().__init__(tokenizer, max_length=max_length, model=model,
                          max_truncated=max_truncated)
-        # evaluate()'s generations through the static-cache graph decoder (same tokens)
-        self.graph_generation = False
+        self.fast_generate = bool(fast_generate)
         has_template = bool(getattr(tokenizer, "chat_template", None))
         if chat_template and not has_template:
             raise ConfigError("chat_template=True but the tokenizer has no chat template; "
@@ -387,7 +389,7 @@ class CausalLMSFT(CausalLMBase):
         if n > 0:
             subset = list(examples[:n])
             preds = self.generate(model, subset, batch_size=batch_size, progress=progress,
-                                  graphs=self.graph_generation)
+                                  graphs=self.fast_generate)
             result["rouge_l"] = metrics.rouge_l(preds, [e["references"] for e in subset])
         return result
 
