@@ -347,3 +347,32 @@ def test_pooled_left_padded_decoding_with_stop_tokens_matches_hf_generate():
                                                     delta_names=rows)
         assert torch.equal(got, want[:, ids.shape[1]:ids.shape[1] + got.shape[1]])
         assert want.shape[1] - ids.shape[1] == got.shape[1]
+
+
+def test_pooled_decoder_routes_other_methods_too():
+    # IA3 rows take the generic per-row path (no stacked layouts); pooling changes nothing
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, eos_token_id=None)).eval()
+    dm = dt.attach(model, dt.IA3Config(), name="x")
+    dm.add("y", dt.IA3Config())
+    _randomize_all(dm)
+    ids = torch.randint(3, 128, (3, 5), generator=torch.Generator().manual_seed(8))
+    gd = GraphDecoder(dm, 3, 16, adapters=["x", "y"])
+    with dm.disabled():
+        base = GraphDecoder(dm, 3, 16).generate(ids, 6)
+    for rows in (["x", "y", None], [None, "x", "x"]):
+        want = GraphDecoder(dm, 3, 16, forward_kwargs={"delta_names": rows}).generate(ids, 6)
+        assert torch.equal(gd.generate(ids, 6, delta_names=rows), want)
+        assert not torch.equal(want, base)  # the adapters change the tokens
+
+
+def _randomize_all(dm: dt.DeltaModel) -> None:
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name in dm.delta_names:
+            for p in dm.get_delta(name).parameters():
+                p.copy_(1 + torch.randn(p.shape, generator=g) * 0.5)
