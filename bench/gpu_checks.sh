@@ -4,7 +4,7 @@
 # prefill timings (1B shape). Logs and the bench's JSON land in $OUT (the device tool
 # brings that folder back) and in bench/results/.
 #
-#   bash bench/gpu_checks.sh            # about 5 minutes on a fresh H200 machine
+#   bash bench/gpu_checks.sh            # meant to fit one device call (10 minutes)
 set -u
 export PYTHONPATH=src
 out=${OUT:-bench/results}
