@@ -360,10 +360,7 @@ class AdapterBank:
         entry = row_cache.get(key)
         if entry is None:
             entry = row_cache[key] = [rows, build(rows), build]
-        elif entry[0] != rows:
-            with torch.no_grad():
-                entry[1].copy_(build(rows))
-            entry[0] = rows
+        _rewrite(entry, rows)
         return entry[1]
 
     def reroute(self, row_names: Sequence[str | None]) -> int:
@@ -378,14 +375,19 @@ class AdapterBank:
             return 0
         names = list(self._key[0])
         rows = tuple(names.index(n) if n in names else -1 for n in row_names)
-        count = 0
-        for key, entry in self._rows.items():
-            if key[0] == "pooled" and key[-1] == len(rows) and entry[0] != rows:
-                with torch.no_grad():
-                    entry[1].copy_(entry[2](rows))
-                entry[0] = rows
-                count += 1
-        return count
+        return sum(_rewrite(entry, rows) for key, entry in self._rows.items()
+                   if key[0] == "pooled" and key[-1] == len(rows))
+
+
+def _rewrite(entry: list, rows: tuple) -> bool:
+    """Make a pooled per-row entry ``[rows, tensor, build]`` hold ``rows``, in place;
+    True when it was rewritten."""
+    if entry[0] == rows:
+        return False
+    with torch.no_grad():
+        entry[1].copy_(entry[2](rows))
+    entry[0] = rows
+    return True
 
 
 def banks_of(model: torch.nn.Module) -> list[AdapterBank]:
