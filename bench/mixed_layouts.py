@@ -65,6 +65,7 @@ def make_layer(rows: int, adapters: int, dev: torch.device, dtype: torch.dtype) 
                 a_cat=torch.cat([layer[g]["a_cat"] for g in group], 0).contiguous(),
                 a_row_cat=torch.cat([layer[g]["a_row_cat"] for g in group], 0).contiguous(),
                 mask=torch.cat([layer[g]["mask"] for g in group], 1).contiguous(),
+                W=torch.cat([layer[g]["W"] for g in group], 0).contiguous(),
                 widths=[layer[g]["a_cat"].shape[0] for g in group])
     return layer
 
@@ -189,10 +190,16 @@ def _parts(layer, xs, part: str):
             torch.addmm(p["_y"], p["mask"], p["b_cat"].t())
         elif part == "expand baddbmm":
             torch.baddbmm(p["_y"].unsqueeze(1), p["_h"], p["b_rows"])
+        elif part == "base GEMV per linear":
+            F.linear(x, p["W"])
+    if part == "base GEMV per sibling group":  # q/k/v and gate/up rows in one weight
+        for group in SIBLINGS:
+            W = layer[group]["W"] if len(group) > 1 else layer[group[0]]["W"]
+            F.linear(xs[group[0]], W)
 
 
 PARTS = ["shrink mm (concat)", "shrink bmm", "mask mul", "expand addmm (concat)",
-         "expand baddbmm"]
+         "expand baddbmm", "base GEMV per linear", "base GEMV per sibling group"]
 
 
 VARIANTS = {"merged": run_merged, "one adapter (Triton)": run_single_triton,

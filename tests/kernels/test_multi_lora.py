@@ -195,3 +195,55 @@ def test_refresh_drops_a_cache_whose_adapters_moved():
     banks = [m.__dict__["_lora_bank"] for m in dm.model.modules()
              if "_lora_bank" in m.__dict__]
     assert all(not b._layouts for b in banks)
+
+
+def test_layouts_a_graph_captured_survive_batches_of_other_mixes(monkeypatch):
+    # A decoder's CUDA graph reads its layouts where they are and runs no Python: a batch
+    # of another adapter mix run eagerly in between must neither free nor rebuild them
+    # (this once sent a pooled decoder's replays through freed memory on the GPU). On the
+    # CPU the capture is simulated: the bank is told a capture is under way.
+    import gc
+
+    from deltatune.kernels import multi_lora
+
+    As, Bs, scales = _adapters()
+    bank = AdapterBank()
+    x = torch.randn(3, 1, 12, dtype=torch.float64)
+    y = torch.zeros(3, 1, 10, dtype=torch.float64)
+
+    class Owner:  # stands for a decoder
+        pass
+
+    owner = Owner()
+    monkeypatch.setattr(multi_lora, "_capturing", lambda: True)
+    with multi_lora.graph_owner(owner):
+        bank.apply(["a", "b", "c"], As, Bs, scales, [0, 1, 2], x, y.clone())
+    monkeypatch.setattr(multi_lora, "_capturing", lambda: False)
+    captured = bank._current
+    held = [id(t) for t in _layout_tensors(bank)]
+    assert captured.pinned and held
+
+    def other_mix():  # two adapters only: another cache key
+        out = bank.apply(["c", "a"], [As[2], As[0]], [Bs[2], Bs[0]], [scales[2], scales[0]],
+                         [1, 0, -1], x, y.clone())
+        ref = multi_lora_reference(x, y, [0, 2, -1], As, Bs, scales)
+        assert _rel(out, ref) < 1e-12
+
+    other_mix()
+    assert bank._current is not captured
+    assert bank._sets[captured.key] is captured  # kept, with the very same tensors
+    assert [id(t) for layout in captured.layouts.values() for t in layout
+            if isinstance(t, torch.Tensor)] == held
+    # an in-place change reaches the captured set too (the decoder refreshes before replay)
+    with torch.no_grad():
+        As[1].mul_(2.0)
+    assert bank.refresh()
+    fresh = AdapterBank._build("concat", As, Bs, scales, torch.float64)
+    assert torch.equal(captured.layouts["concat"][0], fresh[0])
+    # the owner gone, the next new mix lets the captured set go (memory stays bounded)
+    assert len(bank._sets) == 2
+    del owner
+    gc.collect()
+    assert not captured.pinned
+    bank.apply(["b"], [As[1]], [Bs[1]], [scales[1]], [0, -1, 0], x, y.clone())
+    assert list(bank._sets) == [bank._current.key] and captured.key not in bank._sets

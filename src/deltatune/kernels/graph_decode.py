@@ -246,7 +246,7 @@ class GraphDecoder:
             self._warm_up(run)
             self.cache.reset()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with multi_lora.graph_owner(self), torch.cuda.graph(graph):
                 run()
             self.captures += 1
             entry = self._prefills[length, self.padded] = (graph, ids, first, prompt)
@@ -257,7 +257,8 @@ class GraphDecoder:
 
     def _capture(self) -> None:
         graph = self._graphs[self.padded] = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # the layouts of mixed batches this graph reads stay while the decoder lives
+        with multi_lora.graph_owner(self), torch.cuda.graph(graph):
             self._step()
         self.captures += 1
 

@@ -20,7 +20,10 @@ Rows routed to the base model use an all-zero adapter (gathered) or an all-zero 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import weakref
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -134,6 +137,88 @@ def _value(v):
     return v() if callable(v) else v
 
 
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+_OWNER: ContextVar[object | None] = ContextVar("deltatune_graph_owner", default=None)
+
+
+@contextlib.contextmanager
+def graph_owner(owner: object) -> Iterator[None]:
+    """Within: layouts a CUDA graph capture reads stay alive and current while ``owner``
+    (held by weak reference: a decoder, say) lives, whatever other batches use the
+    layers meanwhile. A capture outside any owner pins its layouts for good."""
+    token = _OWNER.set(owner)
+    try:
+        yield
+    finally:
+        _OWNER.reset(token)
+
+
+class LayoutSet:
+    """The cached layouts of one set of adapters (one cache key) in one layer.
+
+    ``tensors`` are the adapters' A's then B's; ``state`` their version counters and
+    storage pointers when last laid out. A set that a CUDA graph captured is pinned: the
+    graph reads its tensors where they are and runs no Python, so they must outlive it.
+    """
+
+    def __init__(self, key: tuple, tensors: Sequence[torch.Tensor]) -> None:
+        self.key, self.tensors = key, list(tensors)
+        self.state = self._observe()
+        self.layouts: dict = {}
+        self.rows: dict[tuple, object] = {}
+        self.captured: set = set()  # layout kinds a CUDA graph capture has read
+        self.retired: dict = {}  # kind -> A stacks replaced by a group's views
+        # layers reading the same input share one shrink launch (kernels.shared_shrink)
+        self.shrink_group: ShrinkGroup | None = None
+        self.pinners: weakref.WeakSet = weakref.WeakSet()
+        self.pinned_for_good = False
+
+    def _observe(self) -> tuple[list[int], list[int]]:
+        return [t._version for t in self.tensors], [t.data_ptr() for t in self.tensors]
+
+    @property
+    def pinned(self) -> bool:
+        """Whether a live CUDA graph reads these layouts."""
+        return self.pinned_for_good or len(self.pinners) > 0
+
+    def pin(self) -> None:
+        """Called during a capture: keep these layouts for the capturing owner."""
+        owner = _OWNER.get()
+        if owner is None:
+            self.pinned_for_good = True
+        else:
+            self.pinners.add(owner)
+
+    def sync(self) -> bool:
+        """Bring the layouts up to date; False when they must be rebuilt.
+
+        Values changed in place (an optimizer step, ``load_delta_state_dict``) are rewritten
+        into the same layout tensors, so anything holding them (a captured CUDA graph)
+        reads the new values; adapters that moved to other storage cannot be followed.
+        """
+        versions, pointers = self._observe()
+        if (versions, pointers) == self.state:
+            return True
+        if pointers != self.state[1]:
+            return False
+        n = len(self.tensors) // 2
+        dtype, scales = self.key[2], list(self.key[4])
+        with torch.no_grad():
+            for kind, layout in self.layouts.items():
+                fresh = AdapterBank._build(kind, self.tensors[:n], self.tensors[n:], scales,
+                                           dtype)
+                for old, new in zip(layout, fresh):
+                    if isinstance(old, torch.Tensor):
+                        old.copy_(new)
+                for old in self.retired.get(kind, ()):
+                    old.copy_(fresh[0])
+        self.state = (versions, pointers)
+        return True
+
+
 class AdapterBank:
     """Side-by-side layouts of a layer's adapters, cached while their tensors are unchanged.
 
@@ -142,22 +227,47 @@ class AdapterBank:
     re-laid out on the next call; with autograd recording through trainable adapters
     nothing is cached. Switching adapters swaps no module and recompiles nothing. The
     checks are a few list comparisons per layer: decoding one token is bound by Python.
+
+    One :class:`LayoutSet` per set of adapters: the current one, plus those a live CUDA
+    graph captured (a batch of another mix run eagerly in between must not free or
+    rebuild what a decoder's graphs read).
     """
 
     def __init__(self) -> None:
-        self._key: tuple | None = None
-        self._tensors: list[torch.Tensor] = []
-        self._state: tuple[list[int], list[int]] = ([], [])
-        self._layouts: dict[str, tuple] = {}
-        self._rows: dict[tuple, torch.Tensor] = {}
-        # layers reading the same input share one shrink launch (kernels.shared_shrink)
-        self.shrink_group: ShrinkGroup | None = None
-        self.pending_h: tuple | None = None  # (input, its version, h slice) from the leader
-        self._captured: set = set()  # layout kinds a CUDA graph capture has read
-        self._retired: dict = {}  # kind -> A stacks replaced by a group's views
+        self._sets: dict[tuple, LayoutSet] = {}
+        self._current: LayoutSet | None = None
+        self._stale: list[LayoutSet] = []  # pinned sets whose adapters moved
+        self.pending_h: tuple | None = None  # (input, version, h slice, group): the leader's
+
+    # the current set's parts (the shrink groups and the tests read them)
+    @property
+    def _layouts(self) -> dict:
+        return self._current.layouts if self._current is not None else {}
+
+    @property
+    def _rows(self) -> dict:
+        return self._current.rows if self._current is not None else {}
+
+    @property
+    def _tensors(self) -> list[torch.Tensor]:
+        return self._current.tensors if self._current is not None else []
+
+    @property
+    def _key(self) -> tuple | None:
+        return self._current.key if self._current is not None else None
+
+    @property
+    def shrink_group(self) -> ShrinkGroup | None:
+        """The shrink group of the current adapter set, if any."""
+        return self._current.shrink_group if self._current is not None else None
+
+    @shrink_group.setter
+    def shrink_group(self, group: ShrinkGroup | None) -> None:
+        if self._current is not None:
+            self._current.shrink_group = group
 
     def a_stack(self, kind) -> torch.Tensor | None:
-        """The A stack of layout ``kind``, if laid out."""
+        """The A stack of layout ``kind`` of the current set, if laid out."""
         layout = self._layouts.get(kind)
         return None if layout is None else layout[0]
 
@@ -167,10 +277,11 @@ class AdapterBank:
         A captured CUDA graph may read the old one: that one is then kept alive and
         rewritten with the others when the adapters change in place.
         """
-        old = self._layouts[kind]
-        if kind in self._captured:
-            self._retired.setdefault(kind, []).append(old[0])
-        self._layouts[kind] = (view, *old[1:])
+        current = self._current
+        old = current.layouts[kind]
+        if kind in current.captured:
+            current.retired.setdefault(kind, []).append(old[0])
+        current.layouts[kind] = (view, *old[1:])
 
     @staticmethod
     def _build(kind, As, Bs, scales, dtype: torch.dtype) -> tuple:
@@ -186,33 +297,20 @@ class AdapterBank:
         return a_stack, b_stack, triton_lora.concat_layout(b_stack)
 
     def sync(self) -> bool:
-        """Bring the cached layouts up to date; False when they must be rebuilt.
+        """Bring the current set's layouts up to date (:meth:`LayoutSet.sync`)."""
+        return self._current is not None and self._current.sync()
 
-        Values changed in place (an optimizer step, ``load_delta_state_dict``) are rewritten
-        into the same layout tensors, so anything holding them (a captured CUDA graph)
-        reads the new values; adapters that moved to other storage cannot be followed.
-        """
-        ts = self._tensors
-        versions, pointers = [t._version for t in ts], [t.data_ptr() for t in ts]
-        if (versions, pointers) == self._state:
-            return True
-        if pointers != self._state[1]:
-            return False
-        n = len(ts) // 2
-        dtype, scales = self._key[2], list(self._key[4])
-        with torch.no_grad():
-            for kind, layout in self._layouts.items():
-                fresh = self._build(kind, ts[:n], ts[n:], scales, dtype)
-                for old, new in zip(layout, fresh):
-                    if isinstance(old, torch.Tensor):
-                        old.copy_(new)
-                for old in self._retired.get(kind, ()):
-                    old.copy_(fresh[0])
-        self._state = (versions, pointers)
-        return True
+    def _drop(self, key: tuple) -> None:
+        """Forget the set ``key``; one a live graph reads stays allocated (never updated)."""
+        dropped = self._sets.pop(key)
+        if dropped is self._current:
+            self._current = None
+        self._stale = [s for s in self._stale if s.pinned]
+        if dropped.pinned:
+            self._stale.append(dropped)
 
     def refresh(self) -> bool:
-        """Rewrite the cached layouts in place if the adapters' values changed.
+        """Rewrite in place the cached layouts whose adapters' values changed.
 
         A captured CUDA graph reads these tensors where they are and runs no Python, so
         the check an eager call makes never happens during a replay; the decoder calls this
@@ -222,40 +320,40 @@ class AdapterBank:
         other storage (a new tensor) drop the cache instead: the next eager call rebuilds
         it, and a graph captured on the old one needs a new decoder.
         """
-        if self._key is None or not self._tensors:
-            return False
-        before = self._state
-        if not self.sync():
-            self._key = None
-            self._layouts.clear()
-            return False
-        return self._state != before
-
-    def _valid(self, key: tuple) -> bool:
-        return key == self._key and bool(self._tensors) and self.sync()
+        changed = False
+        for key, layout_set in list(self._sets.items()):
+            before = layout_set.state
+            if not layout_set.sync():
+                self._drop(key)
+            elif layout_set.state != before:
+                changed = True
+        return changed
 
     def _prepare(self, names, As, Bs, scales, x: torch.Tensor, keys) -> tuple:
-        """Return (As, Bs, cache): the adapter tensors and whether layouts may be cached."""
-        cache = True
+        """Return (As, Bs, cache): the adapter tensors and whether layouts may be cached;
+        when they may, the set of these adapters becomes the current one."""
         if torch.is_grad_enabled():
             As, Bs = _value(As), _value(Bs)
-            cache = not any(t.requires_grad for t in (*As, *Bs))
+            if any(t.requires_grad for t in (*As, *Bs)):
+                return As, Bs, False
         key = (tuple(names), keys, x.dtype, x.device, tuple(scales))
-        if not cache or not self._valid(key):
+        layout_set = self._sets.get(key)
+        if layout_set is not None and not (layout_set.tensors and layout_set.sync()):
+            self._drop(key)
+            layout_set = None
+        if layout_set is None:
             As, Bs = _value(As), _value(Bs)
-            self._layouts.clear()
-            self._rows.clear()
-            self._captured.clear()
-            self._retired.clear()
-            self._key = key if cache else None
-            self._tensors = [*As, *Bs]
-            self._state = ([t._version for t in self._tensors],
-                           [t.data_ptr() for t in self._tensors])
+            for other in [k for k, s in self._sets.items() if not s.pinned]:
+                self._drop(other)  # one unpinned set at a time bounds the memory
+            layout_set = self._sets[key] = LayoutSet(key, [*As, *Bs])
         else:
             # Valid cache: the stored tensors are the adapters' (same objects, unchanged).
-            n = len(self._tensors) // 2
-            As, Bs = self._tensors[:n], self._tensors[n:]
-        return As, Bs, cache
+            n = len(layout_set.tensors) // 2
+            As, Bs = layout_set.tensors[:n], layout_set.tensors[n:]
+        self._current = layout_set
+        if _capturing():
+            layout_set.pin()
+        return As, Bs, True
 
     def apply(self, names: Sequence[str], As: Sequence[torch.Tensor],
               Bs: Sequence[torch.Tensor], scales: Sequence[float],
@@ -290,10 +388,11 @@ class AdapterBank:
         As, Bs, cache = self._prepare(names, As, Bs, scales, x, keys)
         if not cache or not triton_lora.supports(x, weight, max(A.shape[0] for A in As)):
             return None
+        current = self._current
         kind = ("bgmv", layout)
-        if kind not in self._layouts:
-            self._layouts[kind] = self._build(kind, As, Bs, scales, x.dtype)
-        a_stack, b_stack, b_concat = self._layouts[kind]
+        if kind not in current.layouts:
+            current.layouts[kind] = self._build(kind, As, Bs, scales, x.dtype)
+        a_stack, b_stack, b_concat = current.layouts[kind]
         base_entry = len(As)
 
         def token_index(rows: tuple) -> torch.Tensor:
@@ -303,14 +402,14 @@ class AdapterBank:
 
         rows = tuple(row_adapter)
         x2 = x.reshape(total, d_in)
-        index = self._row_tensor(self._rows, ("tokens", tokens), rows, token_index)
+        index = self._row_tensor(current.rows, ("tokens", tokens), rows, token_index)
         if kind[1].startswith("add-"):
             # cuBLAS streams W, the kernel adds only the LoRA term into its output; layers
             # reading the same input share one shrink launch
             # (the rows' entries: same names and rows give the same index tensor values)
             SIBLINGS.observe(self, x, (tuple(names), rows, tokens, kind))
-            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-                self._captured.add(kind)
+            if _capturing():
+                current.captured.add(kind)
             h = shared_shrink(self, x, x2, index, weight.shape[0])
             y = triton_lora.bgmv_matmul(x2, None, None, a_stack, b_stack, index,
                                         b_concat=b_concat, out=F.linear(x2, weight, bias),
@@ -371,12 +470,13 @@ class AdapterBank:
         the decoder calls this before replaying with another row assignment. Returns how
         many tensors were rewritten.
         """
-        if self._key is None:
-            return 0
-        names = list(self._key[0])
-        rows = tuple(names.index(n) if n in names else -1 for n in row_names)
-        return sum(_rewrite(entry, rows) for key, entry in self._rows.items()
-                   if key[0] == "pooled" and key[-1] == len(rows))
+        count = 0
+        for layout_set in self._sets.values():
+            names = list(layout_set.key[0])
+            rows = tuple(names.index(n) if n in names else -1 for n in row_names)
+            count += sum(_rewrite(entry, rows) for key, entry in layout_set.rows.items()
+                         if key[0] == "pooled" and key[-1] == len(rows))
+        return count
 
 
 def _rewrite(entry: list, rows: tuple) -> bool:
@@ -408,5 +508,6 @@ def refresh_layouts(model: torch.nn.Module | Sequence[AdapterBank]) -> int:
     return sum(bank.refresh() for bank in banks)
 
 
-__all__ = ["AdapterBank", "banks_of", "concat_mask", "multi_lora_concat", "multi_lora_gathered",
-           "multi_lora_reference", "refresh_layouts", "stack_concat", "stack_padded"]
+__all__ = ["AdapterBank", "LayoutSet", "banks_of", "concat_mask", "graph_owner",
+           "multi_lora_concat", "multi_lora_gathered", "multi_lora_reference",
+           "refresh_layouts", "stack_concat", "stack_padded"]

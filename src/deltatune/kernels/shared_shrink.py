@@ -14,6 +14,10 @@ the same adapters and the same rows, one after another. A layer whose input turn
 be another tensor computes its own shrink. The first layer of a group (the leader) then
 computes every member's shrink and leaves each member its slice of h, tagged with the
 input it came from.
+
+A group belongs to one adapter set of each bank (:class:`~deltatune.kernels.multi_lora.
+LayoutSet`): a batch of another mix builds its own layouts, and a decoder's graphs keep
+reading the set they captured.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import torch
 from deltatune.kernels import triton_lora
 
 if TYPE_CHECKING:
-    from deltatune.kernels.multi_lora import AdapterBank
+    from deltatune.kernels.multi_lora import AdapterBank, LayoutSet
 
 
 def _capturing() -> bool:
@@ -35,14 +39,14 @@ def _capturing() -> bool:
 class ShrinkGroup:
     """Banks whose A stacks (layout ``kind``) are slices of one tensor, ``joined``.
 
-    Each bank's layout holds its slice, so in-place rewrites of its adapters
-    (:meth:`AdapterBank.sync`) land in ``joined``; ``offsets`` are the slices' first
-    columns (rank entries).
+    Each bank's adapter set (``sets``, current when the group formed) holds its slice as
+    its layout, so in-place rewrites of its adapters (:meth:`LayoutSet.sync`) land in
+    ``joined``; ``offsets`` are the slices' first columns (rank entries).
     """
 
-    def __init__(self, banks: list[AdapterBank], kind: tuple, joined: torch.Tensor,
-                 views: list[torch.Tensor], offsets: list[int]) -> None:
-        self.banks, self.kind, self.joined = banks, kind, joined
+    def __init__(self, banks: list[AdapterBank], sets: list[LayoutSet], kind: tuple,
+                 joined: torch.Tensor, views: list[torch.Tensor], offsets: list[int]) -> None:
+        self.banks, self.sets, self.kind, self.joined = banks, sets, kind, joined
         self.views, self.offsets = views, offsets
 
     @classmethod
@@ -64,21 +68,25 @@ class ShrinkGroup:
             views.append(view)
             offsets.append(offset)
             offset += a.shape[1]
-        group = cls(banks, kind, joined, views, offsets)
+        group = cls(banks, [bank._current for bank in banks], kind, joined, views, offsets)
         for bank in banks:
             bank.shrink_group = group
         return group
 
     def dissolve(self) -> None:
         """Every bank computes its own shrink again (one of them re-laid out its adapters)."""
-        for bank in self.banks:
-            bank.shrink_group, bank.pending_h = None, None
+        for bank, layout_set in zip(self.banks, self.sets):
+            if layout_set.shrink_group is self:
+                layout_set.shrink_group = None
+            bank.pending_h = None
 
     def _intact(self) -> bool:
         # members' adapters changed in place are rewritten into `joined` now, before it is
-        # read (their own calls come after the leader's shrink)
-        return all(bank.a_stack(self.kind) is view and bank.sync()
-                   for bank, view in zip(self.banks, self.views))
+        # read (their own calls come after the leader's shrink); each member's set must
+        # still be its bank's set for these adapters, holding its slice
+        return all(bank._sets.get(s.key) is s and s.layouts.get(self.kind, (None,))[0]
+                   is view and s.sync()
+                   for bank, s, view in zip(self.banks, self.sets, self.views))
 
     def shrink(self, x: torch.Tensor, x2: torch.Tensor, index: torch.Tensor,
                n_out: int) -> torch.Tensor | None:
@@ -90,7 +98,7 @@ class ShrinkGroup:
             return None
         h = triton_lora.bgmv_shrink(x2, self.joined, index, n_out)
         for bank, view, offset in zip(self.banks[1:], self.views[1:], self.offsets[1:]):
-            bank.pending_h = (x, x._version, h[:, :, offset:offset + view.shape[1]])
+            bank.pending_h = (x, x._version, h[:, :, offset:offset + view.shape[1]], self)
         return h[:, :, :self.views[0].shape[1]]
 
 
@@ -102,9 +110,10 @@ def shared_shrink(bank: AdapterBank, x: torch.Tensor, x2: torch.Tensor,
     version); the leader computes the whole group's.
     """
     pending, bank.pending_h = bank.pending_h, None
-    if pending is not None and pending[0] is x and pending[1] == x._version:
-        return pending[2]
     group = bank.shrink_group
+    if (pending is not None and pending[0] is x and pending[1] == x._version
+            and pending[3] is group):
+        return pending[2]
     if group is None or group.banks[0] is not bank:
         return None
     return group.shrink(x, x2, index, n_out)
