@@ -888,7 +888,11 @@ def graph_decode_bench(shape: str, decode_tokens: int, reps: int,
                 from deltatune.kernels.multi_lora import banks_of
                 groups = sum(bank.shrink_group is not None and bank.shrink_group.banks[0] is bank
                              for bank in banks_of(net))
+                whole = sum(bank.shrink_group is not None and bank.shrink_group.banks[0] is bank
+                            and bank.shrink_group.b_joined is not None
+                            for bank in banks_of(net))
                 record(what, b, sec / decode_tokens, captures=dec.captures, shrink_groups=groups,
+                       whole_groups=whole,
                        tokens_equal_eager=round(same, 4), step_ms=round(step * 1e3, 4),
                        eager_prefill_ms_per_token=round(sec_eager_prefill / decode_tokens
                                                         * 1e3, 4))
@@ -924,14 +928,22 @@ def graph_decode_bench(shape: str, decode_tokens: int, reps: int,
     # comparison. (Settled and dropped from the run: the Triton "concat" and "add-concat"
     # layouts, 128 shrink programs, the add at 8192 inputs and gathered prompts, all
     # slower in runs 165900-172626; see docs/performance.md.)
-    for layout in ("0", "add-gather"):
-        os.environ["DELTATUNE_TRITON_BGMV"] = layout
-        what = "mixed-32 (cuBLAS concat)" if layout == "0" else f"mixed-32 (triton {layout})"
-        run(net, what, (32,), [names32[i % 32] for i in range(32)])
+    os.environ["DELTATUNE_TRITON_BGMV"] = "0"
+    run(net, "mixed-32 (cuBLAS concat)", (32,), [names32[i % 32] for i in range(32)])
     if previous is None:
         os.environ.pop("DELTATUNE_TRITON_BGMV")
     else:
         os.environ["DELTATUNE_TRITON_BGMV"] = previous
+    # siblings sharing only their shrink (the sixth session's whole-output groups off);
+    # groups form with the layouts, so the layers' caches are dropped before and after
+    from deltatune.kernels import multi_lora, shared_shrink
+    for whole in (False, True):
+        for bank in multi_lora.banks_of(net):
+            bank.clear()
+        shared_shrink.WHOLE_GROUPS = whole
+        if not whole:
+            run(net, "mixed-32 (shrink-only groups)", (32,),
+                [names32[i % 32] for i in range(32)])
     dec = None
     try:
         # the same with a mixed batch: its graph reads the AdapterBank's side-by-side
@@ -1077,11 +1089,9 @@ def summary() -> None:
                 f"{div(st('unmerged', 1), st('merged', 1)):.3f} b32 "
                 f"{div(st('unmerged', 32), st('merged', 32)):.3f} (<=1.10)  b32 mixed-32 "
                 f"throughput vs unmerged {div(st('unmerged', 32), st('mixed-32', 32)):.3f} "
-                f"(>=0.85), " + ", ".join(
-                    f"Triton {lay} "
-                    f"{div(st('unmerged', 32), st(f'mixed-32 (triton {lay})', 32)):.3f}"
-                    for lay in ("add-gather",))
-                + ", cuBLAS concat "
+                f"(>=0.85), shrink-only groups "
+                f"{div(st('unmerged', 32), st('mixed-32 (shrink-only groups)', 32)):.3f}"
+                ", cuBLAS concat "
                 f"{div(st('unmerged', 32), st('mixed-32 (cuBLAS concat)', 32)):.3f}")
         if "deltatune" in fws:
             for fw in fws:

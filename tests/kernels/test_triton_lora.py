@@ -218,55 +218,106 @@ def test_model_decode_paths_equal_the_plain_path(dev, monkeypatch, bgmv):
 
 
 @kernel_test
-def test_layers_reading_one_input_share_one_shrink(dev, monkeypatch):
+@pytest.mark.parametrize("whole", [True, False])
+def test_layers_reading_one_input_share_one_shrink(dev, monkeypatch, whole):
     """q, k, v (and gate, up) read the same tensor: after one pass has shown it, the first
     of them computes all their shrinks in one launch, and the logits stay the plain path's,
-    also after an in-place adapter switch (the shared stack is rewritten in place)."""
+    also after an in-place adapter switch (the shared stack is rewritten in place). With
+    whole groups (the default) the first also computes every member's output: one add
+    launch for the group, the members return their blocks."""
+    from deltatune.kernels import shared_shrink
+
     monkeypatch.setenv("DELTATUNE_TRITON_BGMV", "add")
+    monkeypatch.setattr(shared_shrink, "WHOLE_GROUPS", whole)
     dm = dt.attach(tiny_llama(), dt.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"),
                    name="a")
     dm.add("b", dt.LoraConfig(r=8, lora_alpha=8, target_modules="all-linear"))
     randomize_deltas(dm, std=0.1)
     dm.to(dev).eval()
     ids, names = token_batch(3, 1).to(dev), ["a", None, "b"]
-    shrinks = {"n": 0}  # shrink launches
-    shrink, matmul = triton_lora.bgmv_shrink, triton_lora.bgmv_matmul
+    launches = {"shrink": 0, "add": 0, "group add": 0}
+    shrink, matmul, group = (triton_lora.bgmv_shrink, triton_lora.bgmv_matmul,
+                             triton_lora.bgmv_add_group)
 
     def counted_shrink(*a, **k):
-        shrinks["n"] += 1
+        launches["shrink"] += 1
         return shrink(*a, **k)
 
     def counted_matmul(*a, **k):
+        launches["add"] += 1
         k["fused"] = False  # the shrink as its own launch (fused by default on CPU)
         return matmul(*a, **k)
 
+    def counted_group(*a, **k):
+        launches["group add"] += 1
+        return group(*a, **k)
+
     monkeypatch.setattr(triton_lora, "bgmv_shrink", counted_shrink)
     monkeypatch.setattr(triton_lora, "bgmv_matmul", counted_matmul)
+    monkeypatch.setattr(triton_lora, "bgmv_add_group", counted_group)
 
     def both():
+        for k in launches:
+            launches[k] = 0
         with torch.no_grad():
             with fast_path("off"):
                 ref = dm(input_ids=ids, delta_names=names).logits
             with fast_path("on"):
                 return dm(input_ids=ids, delta_names=names).logits, ref
 
+    alone = {"shrink": 14, "add": 14, "group add": 0}  # 7 linears x 2 layers
+    # per layer: one shrink for q/k/v, one for gate/up, o and down alone; whole groups
+    # add q/k/v's and gate/up's LoRA terms in one launch each
+    grouped = ({"shrink": 8, "add": 4, "group add": 4} if whole else
+               {"shrink": 8, "add": 14, "group add": 0})
     got, ref = both()
-    assert shrinks["n"] == 14 and _rel(got, ref) < 1e-5  # 7 linears x 2 layers, alone
+    assert launches == alone and _rel(got, ref) < 1e-5
     for _ in range(2):
-        shrinks["n"] = 0
         got, ref = both()
-        # per layer: one for q/k/v, one for gate/up, o and down alone
-        assert shrinks["n"] == 8 and _rel(got, ref) < 1e-5
+        assert launches == grouped and _rel(got, ref) < 1e-5
     dm.load_delta_state_dict(dm.delta_state_dict("b"), "a")  # in place: a's values = b's
-    shrinks["n"] = 0
     got, ref = both()
-    assert shrinks["n"] == 8 and _rel(got, ref) < 1e-5
+    assert launches == grouped and _rel(got, ref) < 1e-5
     # other rows: the layers re-lay out their adapters, the groups dissolve and re-form
     names[:] = ["b", "a", "a"]
-    for want in (14, 8):
-        shrinks["n"] = 0
+    for want in (alone, grouped):
         got, ref = both()
-        assert shrinks["n"] == want and _rel(got, ref) < 1e-5
+        assert launches == want and _rel(got, ref) < 1e-5
+
+
+@kernel_test
+@pytest.mark.parametrize("rows", [1, 5, 19])
+def test_group_add_equals_each_members_own_lora_term(dev, rows):
+    """bgmv_add_group against float64: three members of odd widths (tiles end inside a
+    member), ranks 4 + 4 + 4 side by side in h, a base-model row, outputs one after
+    another in one buffer."""
+    g = torch.Generator().manual_seed(11)
+    widths, r, adapters, K = [20, 12, 36], 4, 3, 24
+    x = _rand(g, rows, K)
+    As = [[_rand(g, r, K) for _ in range(adapters)] for _ in widths]
+    Bs = [[_rand(g, n, r) for _ in range(adapters)] for n in widths]
+    scales = [0.5, 2.0, 1.0]
+    row_adapter = [(i % (adapters + 1)) - 1 for i in range(rows)]  # -1: the base model
+    index = torch.tensor([k if k >= 0 else adapters for k in row_adapter], dtype=torch.int32)
+    stacks = [stack_padded(a, b, scales, torch.float32) for a, b in zip(As, Bs)]
+    a_joined = torch.cat([a for a, _ in stacks], 1)  # (E, 3r, K)
+    b_joined = torch.cat([b.transpose(1, 2) for _, b in stacks], 2)  # (E, r, sum N)
+    base = [_rand(g, rows, n) for n in widths]
+    flat = torch.cat([y.reshape(-1) for y in base])
+    x_d, idx_d = x.to(dev), index.to(dev)
+    h = triton_lora.bgmv_shrink(x_d, a_joined.to(dev), idx_d, widths[0])
+    block_n = triton_lora.group_block_n(rows, sum(widths))
+    tiles = triton_lora.group_tiles(widths, [r] * 3, block_n, dev)
+    out = flat.to(dev)
+    triton_lora.bgmv_add_group(out, b_joined.to(dev), h, idx_d, tiles, rows, block_n)
+    first = 0
+    for j, n in enumerate(widths):
+        got = out[rows * first:rows * (first + n)].view(rows, n)
+        want = multi_lora_reference(x.double(), base[j].double(), row_adapter,
+                                    [a.double() for a in As[j]],
+                                    [b.double() for b in Bs[j]], scales)
+        assert _rel(got, want) < 1e-5, j
+        first += n
 
 
 def _two_loras(model, dev) -> dt.DeltaModel:

@@ -198,3 +198,41 @@ def lora_mm_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, h_ptr, idx_ptr, y_ptr,
                                      other=0.0).to(tl.float32)[None, :]
                 tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=out_mask)
                 tl.atomic_xchg(cnt_ptr + 3 + tile, 0)
+
+
+@triton.jit
+def bgmv_add_group_kernel(y_ptr, b_ptr, h_ptr, idx_ptr, tiles_ptr, M, R,
+                          s_be, s_br, s_bn, s_hs, s_hm,
+                          H_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_R: tl.constexpr):
+    # Several layers' LoRA terms (siblings reading one input) in one launch. Their B's sit
+    # side by side along the output columns of one (E, R, sum N) tensor, their h's side by
+    # side along the rank of the shared shrink's partial sums (H_SPLIT, M, members x R),
+    # and their outputs one after another in y: member j's (M, N_j) block starts at
+    # M * first_j. Row t of the tile table (int32, 4 per tile): the tile's first column,
+    # its member's first column and width, and the member's first h column.
+    meta = tiles_ptr + tl.program_id(0) * 4
+    c0 = tl.load(meta)
+    first = tl.load(meta + 1)
+    width = tl.load(meta + 2)
+    h_off = tl.load(meta + 3)
+    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = c0 + tl.arange(0, BLOCK_N)
+    rr = tl.arange(0, BLOCK_R)
+    mask_m = rm < M
+    mask_n = rn < first + width
+    mask_r = rr < R
+    entry = tl.load(idx_ptr + rm, mask=mask_m, other=0)
+    b3 = tl.load(b_ptr + entry[:, None, None] * s_be + rr[None, :, None] * s_br
+                 + rn[None, None, :] * s_bn,
+                 mask=(mask_m[:, None, None] & mask_r[None, :, None]) & mask_n[None, None, :],
+                 other=0.0)
+    hg = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for s in range(H_SPLIT):
+        hg += tl.load(h_ptr + s * s_hs + rm[:, None] * s_hm + h_off + rr[None, :],
+                      mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+    acc = tl.sum(hg[:, :, None] * b3.to(tl.float32), axis=1)
+    y_ptrs = y_ptr + M * first + rm[:, None] * width + (rn - first)[None, :]
+    out_mask = mask_m[:, None] & mask_n[None, :]
+    acc += tl.load(y_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)

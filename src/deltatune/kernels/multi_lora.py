@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from deltatune.core.layers import current_row_pool
 from deltatune.kernels import triton_lora
-from deltatune.kernels.shared_shrink import SIBLINGS, ShrinkGroup, shared_shrink
+from deltatune.kernels.shared_shrink import SIBLINGS, ShrinkGroup, shared_shrink, sibling_output
 
 
 def multi_lora_reference(x: torch.Tensor, y: torch.Tensor, row_adapter: Sequence[int],
@@ -170,7 +170,7 @@ class LayoutSet:
         self.layouts: dict = {}
         self.rows: dict[tuple, object] = {}
         self.captured: set = set()  # layout kinds a CUDA graph capture has read
-        self.retired: dict = {}  # kind -> A stacks replaced by a group's views
+        self.retired: dict = {}  # kind -> (entry, tensor) replaced by a group's views
         # layers reading the same input share one shrink launch (kernels.shared_shrink)
         self.shrink_group: ShrinkGroup | None = None
         self.pinners: weakref.WeakSet = weakref.WeakSet()
@@ -213,8 +213,8 @@ class LayoutSet:
                 for old, new in zip(layout, fresh):
                     if isinstance(old, torch.Tensor):
                         old.copy_(new)
-                for old in self.retired.get(kind, ()):
-                    old.copy_(fresh[0])
+                for i, old in self.retired.get(kind, ()):
+                    old.copy_(fresh[i])
         self.state = (versions, pointers)
         return True
 
@@ -238,6 +238,7 @@ class AdapterBank:
         self._current: LayoutSet | None = None
         self._stale: list[LayoutSet] = []  # pinned sets whose adapters moved
         self.pending_h: tuple | None = None  # (input, version, h slice, group): the leader's
+        self.pending_y: tuple | None = None  # (input, version, output, group, base): same
 
     # the current set's parts (the shrink groups and the tests read them)
     @property
@@ -271,8 +272,9 @@ class AdapterBank:
         layout = self._layouts.get(kind)
         return None if layout is None else layout[0]
 
-    def replace_a_stack(self, kind, view: torch.Tensor) -> None:
-        """Make ``view`` (same shape and values) the A stack of layout ``kind``.
+    def replace_entry(self, kind, i: int, view: torch.Tensor) -> None:
+        """Make ``view`` (same shape and values) entry ``i`` of the current set's layout
+        ``kind`` (0: the A stack, 1: the B stack).
 
         A captured CUDA graph may read the old one: that one is then kept alive and
         rewritten with the others when the adapters change in place.
@@ -280,8 +282,8 @@ class AdapterBank:
         current = self._current
         old = current.layouts[kind]
         if kind in current.captured:
-            current.retired.setdefault(kind, []).append(old[0])
-        current.layouts[kind] = (view, *old[1:])
+            current.retired.setdefault(kind, []).append((i, old[i]))
+        current.layouts[kind] = (*old[:i], view, *old[i + 1:])
 
     @staticmethod
     def _build(kind, As, Bs, scales, dtype: torch.dtype) -> tuple:
@@ -328,6 +330,12 @@ class AdapterBank:
             elif layout_set.state != before:
                 changed = True
         return changed
+
+    def clear(self) -> None:
+        """Forget every cached layout (the next call lays its adapters out afresh); those
+        a live CUDA graph reads stay allocated, no longer updated."""
+        for key in list(self._sets):
+            self._drop(key)
 
     def _prepare(self, names, As, Bs, scales, x: torch.Tensor, keys) -> tuple:
         """Return (As, Bs, cache): the adapter tensors and whether layouts may be cached;
@@ -407,9 +415,12 @@ class AdapterBank:
             # cuBLAS streams W, the kernel adds only the LoRA term into its output; layers
             # reading the same input share one shrink launch
             # (the rows' entries: same names and rows give the same index tensor values)
-            SIBLINGS.observe(self, x, (tuple(names), rows, tokens, kind))
+            SIBLINGS.observe(self, x, (tuple(names), rows, tokens, kind), (weight, bias))
             if _capturing():
                 current.captured.add(kind)
+            whole = sibling_output(self, x, x2, index, weight, bias)
+            if whole is not None:
+                return whole.view(*x.shape[:-1], weight.shape[0])
             h = shared_shrink(self, x, x2, index, weight.shape[0])
             y = triton_lora.bgmv_matmul(x2, None, None, a_stack, b_stack, index,
                                         b_concat=b_concat, out=F.linear(x2, weight, bias),

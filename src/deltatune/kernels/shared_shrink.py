@@ -42,18 +42,32 @@ class ShrinkGroup:
     Each bank's adapter set (``sets``, current when the group formed) holds its slice as
     its layout, so in-place rewrites of its adapters (:meth:`LayoutSet.sync`) land in
     ``joined``; ``offsets`` are the slices' first columns (rank entries).
+
+    With the gathered layout and equal ranks the B stacks are joined too (``b_joined``,
+    along the output columns), and the leader computes every member's whole output:
+    one cuBLAS GEMV per member into one buffer, one shrink, one launch adding every
+    member's LoRA term (:func:`~deltatune.kernels.triton_lora.bgmv_add_group`). Members
+    then return their block of it. That saves two launches of ~6 us per q/k/v and one per
+    gate/up in a mixed-adapter decode step.
     """
 
     def __init__(self, banks: list[AdapterBank], sets: list[LayoutSet], kind: tuple,
                  joined: torch.Tensor, views: list[torch.Tensor], offsets: list[int]) -> None:
         self.banks, self.sets, self.kind, self.joined = banks, sets, kind, joined
         self.views, self.offsets = views, offsets
+        self.bases: list[tuple] = []  # (weight, bias) of each member, for the whole path
+        self.b_joined: torch.Tensor | None = None
+        self.b_views: list[torch.Tensor] = []
+        self.widths: list[int] = []
+        self.tiles: dict[int, torch.Tensor] = {}  # block_n -> tile table
 
     @classmethod
-    def form(cls, banks: list[AdapterBank], kind: tuple) -> ShrinkGroup | None:
+    def form(cls, banks: list[AdapterBank], kind: tuple,
+             bases: list[tuple] | None = None) -> ShrinkGroup | None:
         """Lay the banks' A stacks side by side and make each bank's layout its slice;
         None where they cannot share (not all laid out, other shapes, already grouped, or
-        inside a graph capture, whose memory pool must not get this tensor)."""
+        inside a graph capture, whose memory pool must not get this tensor). ``bases``:
+        each bank's base (weight, bias) as last called, for the whole-output path."""
         if _capturing() or any(b.shrink_group is not None for b in banks):
             return None
         stacks = [b.a_stack(kind) for b in banks]
@@ -64,29 +78,55 @@ class ShrinkGroup:
         views, offsets, offset = [], [], 0
         for bank, a in zip(banks, stacks):
             view = joined[:, offset:offset + a.shape[1]]
-            bank.replace_a_stack(kind, view)
+            bank.replace_entry(kind, 0, view)
             views.append(view)
             offsets.append(offset)
             offset += a.shape[1]
         group = cls(banks, [bank._current for bank in banks], kind, joined, views, offsets)
+        if bases is not None and kind[1] == "add-gather" and len(
+                {a.shape[1] for a in stacks}) == 1 and WHOLE_GROUPS:
+            group._join_b(bases)
         for bank in banks:
             bank.shrink_group = group
         return group
+
+    def _join_b(self, bases: list[tuple]) -> None:
+        """Lay the members' B stacks side by side along the columns, each member's layout
+        its slice (as for A), and keep their bases: the whole-output path."""
+        stacks = [s.layouts[self.kind][1] for s in self.sets]  # (E, N_j, r), any strides
+        b_joined = torch.cat([b.transpose(1, 2) for b in stacks], dim=2)  # (E, r, sum N)
+        first = 0
+        for bank, b in zip(self.banks, stacks):
+            view = b_joined[:, :, first:first + b.shape[1]].transpose(1, 2)
+            bank.replace_entry(self.kind, 1, view)
+            self.b_views.append(view)
+            self.widths.append(b.shape[1])
+            first += b.shape[1]
+        ranks = [v.shape[1] for v in self.views]
+        for block_n in {triton_lora.group_block_n(rows, first) for rows in (1, 16, 32, 64)}:
+            self.tiles[block_n] = triton_lora.group_tiles(self.widths, ranks, block_n,
+                                                          b_joined.device)
+        self.b_joined, self.bases = b_joined, list(bases)
 
     def dissolve(self) -> None:
         """Every bank computes its own shrink again (one of them re-laid out its adapters)."""
         for bank, layout_set in zip(self.banks, self.sets):
             if layout_set.shrink_group is self:
                 layout_set.shrink_group = None
-            bank.pending_h = None
+            bank.pending_h = bank.pending_y = None
 
     def _intact(self) -> bool:
         # members' adapters changed in place are rewritten into `joined` now, before it is
         # read (their own calls come after the leader's shrink); each member's set must
-        # still be its bank's set for these adapters, holding its slice
-        return all(bank._sets.get(s.key) is s and s.layouts.get(self.kind, (None,))[0]
-                   is view and s.sync()
-                   for bank, s, view in zip(self.banks, self.sets, self.views))
+        # still be its bank's set for these adapters, holding its slices
+        for j, (bank, layout_set) in enumerate(zip(self.banks, self.sets)):
+            layout = layout_set.layouts.get(self.kind)
+            if (bank._sets.get(layout_set.key) is not layout_set or layout is None
+                    or layout[0] is not self.views[j]
+                    or (self.b_views and layout[1] is not self.b_views[j])
+                    or not layout_set.sync()):
+                return False
+        return True
 
     def shrink(self, x: torch.Tensor, x2: torch.Tensor, index: torch.Tensor,
                n_out: int) -> torch.Tensor | None:
@@ -100,6 +140,38 @@ class ShrinkGroup:
         for bank, view, offset in zip(self.banks[1:], self.views[1:], self.offsets[1:]):
             bank.pending_h = (x, x._version, h[:, :, offset:offset + view.shape[1]], self)
         return h[:, :, :self.views[0].shape[1]]
+
+    def whole(self, x: torch.Tensor, x2: torch.Tensor, index: torch.Tensor,
+              weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """As the leader: every member's output ``x W_j^T + b_j`` plus its rows' LoRA
+        terms; members get their blocks (``pending_y``), the leader's own (M, N_0) is
+        returned. None when the group cannot (the caller then takes the shrink path)."""
+        if self.b_joined is None or self.bases[0][0] is not weight or \
+                self.bases[0][1] is not bias:
+            return None
+        if not self._intact():
+            self.dissolve()
+            return None
+        rows = x2.shape[0]
+        block_n = triton_lora.group_block_n(rows, sum(self.widths))
+        tiles = self.tiles.get(block_n)
+        if tiles is None:
+            return None
+        h = triton_lora.bgmv_shrink(x2, self.joined, index, self.widths[0])
+        flat = torch.empty(rows * sum(self.widths), device=x2.device, dtype=x2.dtype)
+        outs, first = [], 0
+        for (w, b), width in zip(self.bases, self.widths):
+            block = flat[rows * first:rows * (first + width)].view(rows, width)
+            if b is None:
+                torch.mm(x2, w.t(), out=block)
+            else:
+                torch.addmm(b, x2, w.t(), out=block)
+            outs.append(block)
+            first += width
+        triton_lora.bgmv_add_group(flat, self.b_joined, h, index, tiles, rows, block_n)
+        for j, (bank, out) in enumerate(zip(self.banks[1:], outs[1:]), start=1):
+            bank.pending_y = (x, x._version, out, self, self.bases[j])
+        return outs[0]
 
 
 def shared_shrink(bank: AdapterBank, x: torch.Tensor, x2: torch.Tensor,
@@ -119,6 +191,30 @@ def shared_shrink(bank: AdapterBank, x: torch.Tensor, x2: torch.Tensor,
     return group.shrink(x, x2, index, n_out)
 
 
+# The whole-output path (one GEMV per member into one buffer, one add launch for all);
+# False: siblings share only their shrink launch (the bench's A/B switch).
+WHOLE_GROUPS = True
+
+
+def sibling_output(bank: AdapterBank, x: torch.Tensor, x2: torch.Tensor,
+                   index: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor | None) -> torch.Tensor | None:
+    """Return ``bank``'s whole output (M, N) from its group, or None to compute it by
+    itself (then :func:`shared_shrink` may still share the shrink).
+
+    A member returns the block its leader computed from this very input (same object and
+    version) with this very base weight and bias; the leader computes the whole group's.
+    """
+    pending, bank.pending_y = bank.pending_y, None
+    group = bank.shrink_group
+    if (pending is not None and pending[0] is x and pending[1] == x._version
+            and pending[3] is group and pending[4][0] is weight and pending[4][1] is bias):
+        return pending[2]
+    if group is None or group.banks[0] is not bank:
+        return None
+    return group.whole(x, x2, index, weight, bias)
+
+
 class SiblingInputs:
     """Learns which banks are called with the same input, one after another.
 
@@ -131,20 +227,26 @@ class SiblingInputs:
         self.version = -1
         self.signature: tuple | None = None
         self.banks: list[AdapterBank] = []
+        self.bases: list[tuple | None] = []
 
-    def observe(self, bank: AdapterBank, x: torch.Tensor, signature: tuple) -> None:
+    def observe(self, bank: AdapterBank, x: torch.Tensor, signature: tuple,
+                base: tuple | None = None) -> None:
         """Record that ``bank`` was called with ``x``; ``signature`` (adapter names, rows,
-        tokens per row, layout kind last) must match within a run."""
+        tokens per row, layout kind last) must match within a run. ``base``: the bank's
+        (weight, bias), for groups that compute whole outputs."""
         if x is self.x and x._version == self.version and signature == self.signature:
             if bank not in self.banks:
                 self.banks.append(bank)
+                self.bases.append(base)
             return
-        banks, kind = self.banks, self.signature[-1] if self.signature else None
-        self.x, self.version, self.signature, self.banks = x, x._version, signature, [bank]
+        banks, bases = self.banks, self.bases
+        kind = self.signature[-1] if self.signature else None
+        self.x, self.version, self.signature = x, x._version, signature
+        self.banks, self.bases = [bank], [base]
         if len(banks) > 1:
-            ShrinkGroup.form(banks, kind)
+            ShrinkGroup.form(banks, kind, bases if None not in bases else None)
 
 
 SIBLINGS = SiblingInputs()
 
-__all__ = ["SIBLINGS", "ShrinkGroup", "SiblingInputs", "shared_shrink"]
+__all__ = ["SIBLINGS", "ShrinkGroup", "SiblingInputs", "shared_shrink", "sibling_output"]

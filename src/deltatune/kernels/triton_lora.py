@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -50,7 +50,8 @@ def _triton():
         from deltatune.kernels import _triton_lora_kernels as k
     except Exception:  # no triton, or a broken install: the cuBLAS path stays
         return None
-    return triton, k, {"lora_mm": k.lora_mm_kernel, "bgmv_shrink": k.bgmv_shrink_kernel}
+    return triton, k, {"lora_mm": k.lora_mm_kernel, "bgmv_shrink": k.bgmv_shrink_kernel,
+                       "bgmv_add_group": k.bgmv_add_group_kernel}
 
 
 def _patch_interpreter() -> None:
@@ -441,9 +442,54 @@ def bgmv_matmul(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor
     return y
 
 
+def group_block_n(rows: int, width: int) -> int:
+    """Output columns per program of :func:`bgmv_add_group` for ``rows`` rows and
+    ``width`` joined columns: 64, or 32 where 64 leaves fewer than about 256 programs."""
+    if interpreted():
+        return 16
+    return 64 if -(-rows // 16) * (width // 64) >= 256 else 32
+
+
+def group_tiles(widths: Sequence[int], ranks: Sequence[int], block_n: int,
+                device: torch.device) -> torch.Tensor:
+    """Return the tile table of :func:`bgmv_add_group`: one (first column, member's first
+    column, member's width, member's first h column) int32 row per ``block_n`` columns of
+    each member, members one after another (``widths`` output columns, ``ranks`` h
+    columns each). Build it outside graph capture; it does not depend on the rows."""
+    table, first, h_first = [], 0, 0
+    for width, rank in zip(widths, ranks):
+        table += [(c, first, width, h_first) for c in range(first, first + width, block_n)]
+        first += width
+        h_first += rank
+    return torch.tensor(table, dtype=torch.int32, device=device)
+
+
+def bgmv_add_group(y: torch.Tensor, b_joined: torch.Tensor, h: torch.Tensor,
+                   index: torch.Tensor, tiles: torch.Tensor, rows: int, block_n: int) -> None:
+    """Add several layers' per-row LoRA terms into their outputs, in one launch.
+
+    ``y`` is one flat buffer holding each member's (rows, N_j) output one after another;
+    ``b_joined`` (E, r, sum N) their B's side by side along the columns, scale folded in
+    (entry e: adapter e; the last all zeros), any strides; ``h`` the shared shrink's
+    float32 partial sums (S, rows, members x r) (:func:`bgmv_shrink` through the members'
+    A stacks side by side); ``index`` int32 (rows,) each row's entry; ``tiles`` from
+    :func:`group_tiles` with the same ``block_n``. In place on ``y``.
+    """
+    kern = _triton()
+    assert kern is not None, "triton is not available"
+    _, _, kernels = kern
+    r = b_joined.shape[1]
+    block_m = 16
+    kernels["bgmv_add_group"][(tiles.shape[0], -(-rows // block_m))](
+        y, b_joined, h, index, tiles, rows, r,
+        b_joined.stride(0), b_joined.stride(1), b_joined.stride(2), h.stride(0), h.stride(1),
+        H_SPLIT=h.shape[0], BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_R=max(16, _next_pow2(r)), num_warps=4 if interpreted() else 8)
+
+
 __all__ = ["BGMV_ADD_MAX_K", "MAX_RANK", "SMALL_M", "available", "bgmv_layout", "bgmv_matmul",
-           "bgmv_shrink",
-           "concat_layout", "expand_layout",
+           "bgmv_add_group", "bgmv_shrink",
+           "concat_layout", "group_block_n", "group_tiles", "expand_layout",
            "for_graphs", "interpreted", "pays",
            "lora_matmul",
            "set_config_override", "supports"]
