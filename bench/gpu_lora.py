@@ -198,6 +198,20 @@ def check() -> None:
         for n, a, r_ in zip(("dx", "dA", "dB"), grads, rgrads):
             expect(f"lora_linear {tag} {n} vs float64", rel(a, r_), limit)
 
+        if dtype == torch.bfloat16:
+            # many rows, a wider output: the TMA GEMM with the expand in its epilogue
+            from deltatune.kernels import tma_lora
+            xs, ws, bs = (torch.randn(*s, generator=g).to(d, dtype)
+                          for s in ((8192, 1024), (2048, 1024), (2048,)))
+            As_, Bs_ = (torch.randn(*s, generator=g).to(d, dtype) * 0.1
+                        for s in ((16, 1024), (2048, 16)))
+            with torch.no_grad():
+                got = lora_linear(xs, ws * 0.03, bs, As_, Bs_, 2.0)
+            want = lora_linear_reference(xs.double(), ws.double() * 0.03, bs.double(),
+                                         As_.double(), Bs_.double(), 2.0)
+            expect(f"TMA LoRA GEMM bf16 (taken: {tma_lora.applies(xs, ws)}) vs float64",
+                   rel(got, want), limit)
+
         h = torch.randn(3000, 256, generator=g).to(d, dtype).requires_grad_()
         W = (torch.randn(5000, 256, generator=g) * 0.05).to(d, dtype).requires_grad_()
         t = torch.randint(0, 5000, (3000,), generator=g).to(d)
@@ -329,6 +343,20 @@ def triton_checks(expect) -> None:
 
 
 # --------------------------------------------------------------------------- kernels
+@contextlib.contextmanager
+def tma_off():
+    """Within: LoRA linears keep cuBLAS for many rows (no TMA GEMM; the A/B rows)."""
+    previous = os.environ.get("DELTATUNE_TMA_LORA")
+    os.environ["DELTATUNE_TMA_LORA"] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("DELTATUNE_TMA_LORA")
+        else:
+            os.environ["DELTATUNE_TMA_LORA"] = previous
+
+
 def _graph_time(calls, reps: int = 20) -> float:
     """Seconds per call of a captured sequence of ``calls`` (one CUDA graph), median."""
     for c in calls:
@@ -532,11 +560,9 @@ def layer_bench(tokens: int, reps: int) -> None:
     rows["frozen"] = timeit(step(lambda: lin(x)), reps)
     rows["deltatune fast"] = timeit(step(lambda: lora_linear(x, lin.weight, None, A, B, 2.0)),
                                     reps)
-    from deltatune.kernels import lora_linear as ll
-    ll.EXPAND_FIRST = False
-    rows["deltatune fast (base GEMM first, then addmm_)"] = timeit(
-        step(lambda: lora_linear(x, lin.weight, None, A, B, 2.0)), reps)
-    ll.EXPAND_FIRST = True
+    with tma_off():
+        rows["deltatune fast (cuBLAS, expand first)"] = timeit(
+            step(lambda: lora_linear(x, lin.weight, None, A, B, 2.0)), reps)
     rows["deltatune plain"] = timeit(
         step(lambda: lora_linear_reference(x, lin.weight, None, A, B, 2.0)), reps)
     for label, fp32 in (("peft default (fp32 adapters)", True), ("peft bf16 adapters", False)):
@@ -739,11 +765,9 @@ def infer_bench(shape: str, prefill_batch: int, prefill_len: int, decode_tokens:
         net.eval()
         record(fw, "prefill unmerged", timeit(lambda n=net: prefill(n), reps))
         if fw == "deltatune":
-            from deltatune.kernels import lora_linear as ll
-            ll.EXPAND_FIRST = False
-            record(fw, "prefill unmerged (base GEMM first)", timeit(lambda n=net: prefill(n),
-                                                                   reps))
-            ll.EXPAND_FIRST = True
+            with tma_off():
+                record(fw, "prefill unmerged (cuBLAS, expand first)",
+                       timeit(lambda n=net: prefill(n), reps))
         for b in (1, 32):
             record(fw, f"decode b{b} unmerged",
                    timeit(lambda b=b, n=net: decode(n, b), 3, 1) / decode_tokens, True, b)

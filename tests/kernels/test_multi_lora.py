@@ -240,6 +240,17 @@ def test_layouts_a_graph_captured_survive_batches_of_other_mixes(monkeypatch):
     assert bank.refresh()
     fresh = AdapterBank._build("concat", As, Bs, scales, torch.float64)
     assert torch.equal(captured.layouts["concat"][0], fresh[0])
+    # clear() forgets every set; the one a live graph reads stays allocated
+    bank.clear()
+    assert not bank._sets and bank._stale == [captured]
+    other_mix()
+    bank.apply(["a", "b", "c"], As, Bs, scales, [0, 1, 2], x, y.clone())
+    assert bank._sets[captured.key] is not captured
+    captured = bank._sets[captured.key]
+    captured.pin()  # (outside any owner: pinned for good) ...
+    captured.pinned_for_good = False
+    captured.pinners.add(owner)  # ... or for the owner's life, as before
+    other_mix()
     # the owner gone, the next new mix lets the captured set go (memory stays bounded)
     assert len(bank._sets) == 2
     del owner

@@ -236,3 +236,32 @@ def bgmv_add_group_kernel(y_ptr, b_ptr, h_ptr, idx_ptr, tiles_ptr, M, R,
     out_mask = mask_m[:, None] & mask_n[None, :]
     acc += tl.load(y_ptrs, mask=out_mask, other=0.0).to(tl.float32)
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def tma_lora_gemm_kernel(x_desc, w_desc, y_desc, h_desc, b_desc, bias_ptr, M, N, K, scale,
+                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                         R: tl.constexpr, GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr,
+                         HAS_BIAS: tl.constexpr):
+    # y = x W^T + b + s h B^T for many rows, tiles loaded by TMA descriptors. Persistent:
+    # each program walks the output tiles PROGRAMS apart (flattened, so the loads of its
+    # next tile overlap this one's epilogue), grouped along M so that a band of W tiles
+    # stays in L2. The rank-R expand is one more MMA in the epilogue: y is written once.
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    k_tiles = tl.cdiv(K, BK)
+    for tile in tl.range(tl.program_id(0), num_m * num_n, PROGRAMS, flatten=True):
+        per_group = GROUP_M * num_n
+        first_m = (tile // per_group) * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        off_m = (first_m + (tile % per_group) % size_m) * BM
+        off_n = ((tile % per_group) // size_m) * BN
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for ki in range(k_tiles):
+            acc = tl.dot(x_desc.load([off_m, ki * BK]), w_desc.load([off_n, ki * BK]).T, acc)
+        lora = tl.dot(h_desc.load([off_m, 0]), b_desc.load([off_n, 0]).T)
+        acc += lora * scale
+        if HAS_BIAS:
+            rn = off_n + tl.arange(0, BN)
+            acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        y_desc.store([off_m, off_n], acc.to(y_desc.dtype))

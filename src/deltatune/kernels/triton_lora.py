@@ -51,7 +51,8 @@ def _triton():
     except Exception:  # no triton, or a broken install: the cuBLAS path stays
         return None
     return triton, k, {"lora_mm": k.lora_mm_kernel, "bgmv_shrink": k.bgmv_shrink_kernel,
-                       "bgmv_add_group": k.bgmv_add_group_kernel}
+                       "bgmv_add_group": k.bgmv_add_group_kernel,
+                       "tma_lora_gemm": k.tma_lora_gemm_kernel}
 
 
 def _patch_interpreter() -> None:

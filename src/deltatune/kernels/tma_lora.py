@@ -1,0 +1,98 @@
+"""A LoRA'd linear's forward for many rows as one GEMM with the expand in its epilogue.
+
+cuBLAS cannot add ``s h B^T`` inside its GEMM, so :mod:`deltatune.kernels.lora_linear`
+writes the expand first and lets the GEMM read it back (beta = 1): one extra write and
+read of the whole output. Here a persistent Triton GEMM fed by the tensor memory
+accelerator (TMA: tiles copied by descriptors, Hopper and later) computes
+``x W^T + b + s h B^T`` with the rank-r product as one more MMA before its single store.
+
+Measured on an H200 at 16384 rows, bf16 (``bench/tma_probe.py``, run
+``tma_probe-20261201-185415``), against cuBLAS + the expand pass: 0.945x at 4096 -> 14336,
+0.845x at 2048 -> 8192, 0.968x at 2048 -> 2048; slower where the output is narrower than
+the input (1.04x at 8192 -> 2048, 1.32x at 2048 -> 512). So by default (``auto``) it is
+taken for at least :data:`MIN_ROWS` rows and outputs at least as wide as the input and
+2048 wide, in bf16/fp16 on a GPU of compute capability 9 or more, outside
+``torch.compile``. ``DELTATUNE_TMA_LORA=0`` turns it off, ``always`` takes it wherever
+the layout allows (tests; on the CPU through Triton's interpreter).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from deltatune.kernels import triton_lora
+
+MIN_ROWS = 4096
+MIN_WIDTH = 2048
+# BM, BN, BK, pipeline stages, warps: the best of five at every measured shape it takes
+CONFIG = (128, 256, 64, 3, 8)
+_INTERPRETER_CONFIG = (32, 32, 32, 1, 4)
+
+
+def _mode() -> str:
+    value = os.environ.get("DELTATUNE_TMA_LORA", "auto").strip().lower()
+    return {"0": "off", "false": "off", "1": "always", "true": "always"}.get(value, value)
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    # TMA descriptors: unit stride along the row, 16-byte aligned rows and base address
+    return (t.dim() == 2 and t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
+            and t.data_ptr() % 16 == 0)
+
+
+def applies(x2: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`lora_gemm` computes this (rows, d_in) input through ``weight``."""
+    mode = _mode()
+    if mode == "off" or torch.compiler.is_compiling() or triton_lora._triton() is None:
+        return False
+    if triton_lora.interpreted():
+        if mode != "always" or x2.device.type != "cpu":
+            return False
+    elif not x2.is_cuda or torch.cuda.get_device_capability(x2.device)[0] < 9:
+        return False
+    if (x2.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != x2.dtype
+            or not (_aligned(x2) and _aligned(weight))):
+        return False
+    rows, (d_out, d_in) = x2.shape[0], weight.shape
+    return mode == "always" or (rows >= MIN_ROWS and d_out >= max(d_in, MIN_WIDTH))
+
+
+def lora_gemm(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+              h: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """Return ``x2 W^T + b + s h B^T`` (rows, d_out) in one launch.
+
+    ``h`` is the shrink ``x2 A^T`` (rows, r) and ``B`` (d_out, r), both in ``x2``'s dtype;
+    ranks that are not a multiple of 16 are zero-padded (the MMA's smallest K). Check
+    :func:`applies` first.
+    """
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    triton, _, kernels = triton_lora._triton()
+    rows, d_in = x2.shape
+    d_out, r = B.shape
+    rank = max(16, -(-r // 16) * 16)
+    if rank != r:
+        h, B = F.pad(h, (0, rank - r)), F.pad(B, (0, rank - r))
+    h, B = h.contiguous(), B.to(x2.dtype).contiguous()
+    y = torch.empty(rows, d_out, device=x2.device, dtype=x2.dtype)
+    interpreted = triton_lora.interpreted()
+    bm, bn, bk, stages, warps = _INTERPRETER_CONFIG if interpreted else CONFIG
+    programs = 4 if interpreted else torch.cuda.get_device_properties(
+        x2.device).multi_processor_count
+    tiles = triton.cdiv(rows, bm) * triton.cdiv(d_out, bn)
+    kernels["tma_lora_gemm"][(min(programs, tiles),)](
+        TensorDescriptor.from_tensor(x2, [bm, bk]),
+        TensorDescriptor.from_tensor(weight, [bn, bk]),
+        TensorDescriptor.from_tensor(y, [bm, bn]),
+        TensorDescriptor.from_tensor(h, [bm, rank]),
+        TensorDescriptor.from_tensor(B, [bn, rank]),
+        bias if bias is not None else y, rows, d_out, d_in, float(scale),
+        BM=bm, BN=bn, BK=bk, R=rank, GROUP_M=8, PROGRAMS=min(programs, tiles),
+        HAS_BIAS=bias is not None, num_stages=stages, num_warps=warps)
+    return y
+
+
+__all__ = ["CONFIG", "MIN_ROWS", "MIN_WIDTH", "applies", "lora_gemm"]
