@@ -259,8 +259,11 @@ def tma_lora_gemm_kernel(x_desc, w_desc, y_desc, h_desc, b_desc, bias_ptr, M, N,
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for ki in range(k_tiles):
             acc = tl.dot(x_desc.load([off_m, ki * BK]), w_desc.load([off_n, ki * BK]).T, acc)
-        lora = tl.dot(h_desc.load([off_m, 0]), b_desc.load([off_n, 0]).T)
-        acc += lora * scale
+        # the scale goes on h (BM x R), not on a second BM x BN product: two accumulator
+        # tiles of 128 x 256 float32 spill registers (measured 4.6x slower)
+        ht = h_desc.load([off_m, 0])
+        ht = (ht.to(tl.float32) * scale).to(ht.dtype)
+        acc = tl.dot(ht, b_desc.load([off_n, 0]).T, acc)
         if HAS_BIAS:
             rn = off_n + tl.arange(0, BN)
             acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
