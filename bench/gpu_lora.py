@@ -209,7 +209,7 @@ def check() -> None:
                 got = lora_linear(xs, ws * 0.03, bs, As_, Bs_, 2.0)
             want = lora_linear_reference(xs.double(), ws.double() * 0.03, bs.double(),
                                          As_.double(), Bs_.double(), 2.0)
-            expect(f"TMA LoRA GEMM bf16 (taken: {tma_lora.applies(xs, ws)}) vs float64",
+            expect(f"TMA LoRA GEMM bf16 (taken: {tma_lora.applies(xs, ws, 16)}) vs float64",
                    rel(got, want), limit)
 
         h = torch.randn(3000, 256, generator=g).to(d, dtype).requires_grad_()

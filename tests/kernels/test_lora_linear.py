@@ -134,3 +134,47 @@ def test_autocast_keeps_the_plain_path():
     layer = dm.model.model.layers[0].self_attn.q_proj
     with fast_path("on"), torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer.deltas["default"].fast_forward(layer.base, torch.randn(2, 32)) is None
+
+
+def test_prefill_linears_reading_one_input_share_one_shrink_gemm(monkeypatch):
+    # Many rows without autograd: after one pass, q/k/v (and gate/up) take their shrinks
+    # from one GEMM through their A's side by side; logits stay the plain path's, also
+    # after an in-place adapter change (the side-by-side copy is rebuilt).
+    from deltatune.kernels import shared_input_shrink
+    from deltatune.kernels.shared_input_shrink import SharedInputShrinks
+
+    shared = SharedInputShrinks()
+    monkeypatch.setattr(shared_input_shrink, "SHARED_INPUTS", shared)
+    from deltatune.kernels import lora_linear as ll
+    monkeypatch.setattr(ll, "SHARED_INPUTS", shared)
+    dm = dt.attach(tiny_llama(), dt.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    randomize_deltas(dm, std=0.2)
+    dm.eval()
+    ids = torch.randint(3, 100, (2, 40), generator=torch.Generator().manual_seed(1))
+    gemms = {"n": 0}  # shared shrink GEMMs
+    joined = shared_input_shrink._Group.joined
+
+    def counted(self, dtype):
+        gemms["n"] += 1
+        return joined(self, dtype)
+
+    monkeypatch.setattr(shared_input_shrink._Group, "joined", counted)
+
+    def both():
+        with torch.no_grad():
+            with fast_path("off"):
+                ref = dm(input_ids=ids).logits
+            with fast_path("on"):
+                return dm(input_ids=ids).logits, ref
+
+    layers = len(dm.model.model.layers)
+    got, ref = both()
+    assert _rel(got, ref) < 1e-5
+    assert len(shared._leaders) == 2 * layers  # q/k/v and gate/up, in every layer
+    got, ref = both()
+    assert _rel(got, ref) < 1e-5 and not shared._pending  # every member took its slice
+    assert gemms["n"] == 2 * layers
+    state = {k: v * 1.5 + 0.02 for k, v in dm.delta_state_dict().items()}
+    dm.load_delta_state_dict(state)  # in place
+    got, ref = both()
+    assert _rel(got, ref) < 1e-5

@@ -421,7 +421,7 @@ def test_tma_lora_gemm_matches_float64(dev, monkeypatch, rows, d_in, d_out, r, b
     W = _rand(g, d_out, d_in, std=d_in ** -0.5).to(dev, dtype)
     b = _rand(g, d_out).to(dev, dtype) if bias else None
     A, B = _rand(g, r, d_in, std=0.2).to(dev, dtype), _rand(g, d_out, r, std=0.2).to(dev, dtype)
-    assert tma_lora.applies(x, W)
+    assert tma_lora.applies(x, W, r)
     want = lora_linear_reference(x.double(), W.double(), None if b is None else b.double(),
                                  A.double(), B.double(), 1.5)
     assert _rel(tma_lora.lora_gemm(x, W, b, x @ A.t(), B, 1.5), want) < 2e-3
@@ -435,3 +435,31 @@ def test_tma_lora_gemm_matches_float64(dev, monkeypatch, rows, d_in, d_out, r, b
     lora_linear_reference(x.double(), W.double(), None if b is None else b.double(), A64,
                           B.double(), 1.5).square().sum().backward()
     assert _rel(A.grad, A64.grad) < 5e-3
+
+
+@kernel_test
+def test_tma_configuration_the_gpu_refuses_falls_back_to_cublas(dev, monkeypatch):
+    """Out of shared memory for a tile configuration: the cuBLAS path answers, and the
+    configuration is not tried again."""
+    from triton.runtime.errors import OutOfResources
+
+    from deltatune.kernels import tma_lora
+
+    monkeypatch.setenv("DELTATUNE_TMA_LORA", "always")
+    monkeypatch.setattr(triton_lora, "SMALL_M", 8)
+    monkeypatch.setattr(tma_lora, "_REFUSED", set())
+    tries = {"n": 0}
+
+    def refuse(*a, **k):
+        tries["n"] += 1
+        raise OutOfResources(240000, 232448, "shared memory")
+
+    monkeypatch.setattr(tma_lora, "_launch", refuse)
+    g = torch.Generator().manual_seed(5)
+    x, W = _rand(g, 40, 32).to(dev, torch.float16), _rand(g, 48, 32, std=0.2).to(dev, torch.float16)
+    A, B = _rand(g, 16, 32, std=0.2).to(dev, torch.float16), _rand(g, 48, 16).to(dev, torch.float16)
+    want = lora_linear_reference(x.double(), W.double(), None, A.double(), B.double(), 2.0)
+    for _ in range(2):
+        with torch.no_grad():
+            assert _rel(lora_linear(x, W, None, A, B, 2.0), want) < 2e-3
+    assert tries["n"] == 1

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from deltatune.kernels import tma_lora, triton_lora
+from deltatune.kernels.shared_input_shrink import SHARED_INPUTS
 
 # see _fused_forward (taken above SMALL_M rows); False: base GEMM first, then addmm_ (the
 # bench compares both)
@@ -44,16 +45,23 @@ def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
 
 def _fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                   A: torch.Tensor, B: torch.Tensor, scale: float):
-    """Return (y, x2, Ac, Bc, h): the output and what backward needs."""
+                   A: torch.Tensor, B: torch.Tensor, scale: float, share: bool = False):
+    """Return (y, x2, Ac, Bc, h): the output and what backward needs.
+
+    ``share`` (inference only): linears reading the same input compute their shrinks in
+    one GEMM for many rows (:mod:`deltatune.kernels.shared_input_shrink`).
+    """
     d_in, d_out = weight.shape[1], weight.shape[0]
     x2 = x.reshape(-1, d_in)
     Ac, Bc = A.to(x.dtype), B.to(x.dtype)
-    h = x2 @ Ac.t()
-    if x2.shape[0] > triton_lora.SMALL_M and tma_lora.applies(x2, weight):
-        # one Triton GEMM (TMA loads) with the expand in its epilogue: y written once
-        y = tma_lora.lora_gemm(x2, weight, bias, h, Bc, scale)
-    elif EXPAND_FIRST and x2.shape[0] > triton_lora.SMALL_M:
+    many = x2.shape[0] > triton_lora.SMALL_M
+    h = SHARED_INPUTS.shrink(x, x2, A, Ac) if share and many else x2 @ Ac.t()
+    # one Triton GEMM (TMA loads) with the expand in its epilogue: y written once
+    y = (tma_lora.lora_gemm(x2, weight, bias, h, Bc, scale)
+         if many and tma_lora.applies(x2, weight, Ac.shape[0]) else None)
+    if y is not None:
+        return y.view(*x.shape[:-1], d_out), x2, Ac, Bc, h
+    if EXPAND_FIRST and many:
         # The rank-r expand writes y first (one pass), then the base GEMM accumulates into
         # it with beta=1: cuBLAS reads y in its epilogue, hidden under the compute-bound
         # main loop, instead of a separate read-modify-write pass over y afterwards.
@@ -131,7 +139,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
             y, _ = triton_lora.lora_matmul(x.reshape(rows, x.shape[-1]), weight, bias, A, B,
                                            float(scale))
             return y.view(*x.shape[:-1], weight.shape[0])
-        return _fused_forward(x, weight, bias, A, B, float(scale))[0]
+        return _fused_forward(x, weight, bias, A, B, float(scale), share=True)[0]
     return LoraLinearFunction.apply(x, weight, bias, A, B, float(scale))
 
 

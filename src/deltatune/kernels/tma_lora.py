@@ -29,6 +29,10 @@ MIN_ROWS = 4096
 MIN_WIDTH = 2048
 # BM, BN, BK, pipeline stages, warps: the best of five at every measured shape it takes
 CONFIG = (128, 256, 64, 3, 8)
+# ranks above 16: the h and B tiles no longer fit beside that one's stages in the H200's
+# 227 KiB of shared memory (237 KiB needed at rank 32), so narrower output tiles
+WIDE_RANK_CONFIG = (128, 128, 64, 3, 8)
+MAX_RANK = 64
 _INTERPRETER_CONFIG = (32, 32, 32, 1, 4)
 
 
@@ -43,9 +47,12 @@ def _aligned(t: torch.Tensor) -> bool:
             and t.data_ptr() % 16 == 0)
 
 
-def applies(x2: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether :func:`lora_gemm` computes this (rows, d_in) input through ``weight``."""
+def applies(x2: torch.Tensor, weight: torch.Tensor, rank: int) -> bool:
+    """Whether :func:`lora_gemm` computes this (rows, d_in) input through ``weight`` and
+    an adapter of this rank."""
     mode = _mode()
+    if rank > MAX_RANK:
+        return False
     if mode == "off" or torch.compiler.is_compiling() or triton_lora._triton() is None:
         return False
     if triton_lora.interpreted():
@@ -60,39 +67,63 @@ def applies(x2: torch.Tensor, weight: torch.Tensor) -> bool:
     return mode == "always" or (rows >= MIN_ROWS and d_out >= max(d_in, MIN_WIDTH))
 
 
+_REFUSED: set[tuple] = set()  # (config, dtype) the GPU refused (out of shared memory)
+
+
 def lora_gemm(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-              h: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
-    """Return ``x2 W^T + b + s h B^T`` (rows, d_out) in one launch.
+              h: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """Return ``x2 W^T + b + s h B^T`` (rows, d_out) in one launch, or None where this GPU
+    cannot run the tile configuration (the caller then takes the cuBLAS path; the
+    configuration is not tried again).
 
     ``h`` is the shrink ``x2 A^T`` (rows, r) and ``B`` (d_out, r), both in ``x2``'s dtype;
     ranks that are not a multiple of 16 are zero-padded (the MMA's smallest K). Check
     :func:`applies` first.
     """
+    from triton.runtime.errors import OutOfResources
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     triton, _, kernels = triton_lora._triton()
-    rows, d_in = x2.shape
+    rows = x2.shape[0]
     d_out, r = B.shape
     rank = max(16, -(-r // 16) * 16)
     if rank != r:
         h, B = F.pad(h, (0, rank - r)), F.pad(B, (0, rank - r))
-    h, B = h.contiguous(), B.to(x2.dtype).contiguous()
+    B = B.to(x2.dtype).contiguous()
+    if not _aligned(h):  # a slice of a shared shrink's output is read where it is
+        h = h.contiguous()
     y = torch.empty(rows, d_out, device=x2.device, dtype=x2.dtype)
     interpreted = triton_lora.interpreted()
-    bm, bn, bk, stages, warps = _INTERPRETER_CONFIG if interpreted else CONFIG
+    bm, bn, bk, stages, warps = (_INTERPRETER_CONFIG if interpreted else
+                                 CONFIG if rank <= 16 else WIDE_RANK_CONFIG)
+    key = (bm, bn, bk, stages, warps, rank, x2.dtype)
+    if key in _REFUSED:
+        return None
     programs = 4 if interpreted else torch.cuda.get_device_properties(
         x2.device).multi_processor_count
     tiles = triton.cdiv(rows, bm) * triton.cdiv(d_out, bn)
-    kernels["tma_lora_gemm"][(min(programs, tiles),)](
-        TensorDescriptor.from_tensor(x2, [bm, bk]),
-        TensorDescriptor.from_tensor(weight, [bn, bk]),
-        TensorDescriptor.from_tensor(y, [bm, bn]),
-        TensorDescriptor.from_tensor(h, [bm, rank]),
-        TensorDescriptor.from_tensor(B, [bn, rank]),
-        bias if bias is not None else y, rows, d_out, d_in, float(scale),
-        BM=bm, BN=bn, BK=bk, R=rank, GROUP_M=8, PROGRAMS=min(programs, tiles),
-        HAS_BIAS=bias is not None, num_stages=stages, num_warps=warps)
+    try:
+        _launch(kernels["tma_lora_gemm"], (min(programs, tiles),), TensorDescriptor, x2,
+                weight, y, h, B, bias, scale, (bm, bn, bk, stages, warps), rank,
+                min(programs, tiles))
+    except OutOfResources:
+        _REFUSED.add(key)
+        return None
     return y
 
 
-__all__ = ["CONFIG", "MIN_ROWS", "MIN_WIDTH", "applies", "lora_gemm"]
+def _launch(kernel, grid, descriptor, x2, weight, y, h, B, bias, scale, config, rank,
+            programs) -> None:
+    bm, bn, bk, stages, warps = config
+    rows, d_in = x2.shape
+    kernel[grid](
+        descriptor.from_tensor(x2, [bm, bk]), descriptor.from_tensor(weight, [bn, bk]),
+        descriptor.from_tensor(y, [bm, bn]), descriptor.from_tensor(h, [bm, rank]),
+        descriptor.from_tensor(B, [bn, rank]), bias if bias is not None else y,
+        rows, y.shape[1], d_in, float(scale),
+        BM=bm, BN=bn, BK=bk, R=rank, GROUP_M=8, PROGRAMS=programs,
+        HAS_BIAS=bias is not None, num_stages=stages, num_warps=warps)
+
+
+__all__ = ["CONFIG", "MAX_RANK", "MIN_ROWS", "MIN_WIDTH", "WIDE_RANK_CONFIG", "applies",
+           "lora_gemm"]
