@@ -20,6 +20,8 @@ import weakref
 
 import torch
 
+from deltatune.kernels.shared_shrink import input_version
+
 
 class _Group:
     """The A tensors of a run (leader first) and their side-by-side copy per dtype."""
@@ -35,7 +37,7 @@ class _Group:
         As = [ref() for ref in self.refs]
         if any(a is None for a in As):
             return None
-        key = (dtype, [a._version for a in As], [a.data_ptr() for a in As])
+        key = (dtype, [input_version(a) for a in As], [a.data_ptr() for a in As])
         if key != self._key:
             with torch.no_grad():
                 self._joined = torch.cat([a.detach().to(dtype) for a in As], 0)
@@ -54,7 +56,7 @@ class SharedInputShrinks:
         self._pending: dict[int, tuple] = {}  # id of a member's A -> (x ref, version, h, A ref)
 
     def _same_input(self, x: torch.Tensor) -> bool:
-        return self._x is not None and self._x() is x and x._version == self._version
+        return self._x is not None and self._x() is x and input_version(x) == self._version
 
     def _observe(self, x: torch.Tensor, A: torch.Tensor) -> None:
         if self._same_input(x):
@@ -63,7 +65,7 @@ class SharedInputShrinks:
             return
         if len(self._run) > 1 and id(self._run[0]) not in self._leaders:
             self._leaders[id(self._run[0])] = _Group(self._run)
-        self._x, self._version, self._run = weakref.ref(x), x._version, [A]
+        self._x, self._version, self._run = weakref.ref(x), input_version(x), [A]
 
     def shrink(self, x: torch.Tensor, x2: torch.Tensor, A: torch.Tensor,
                Ac: torch.Tensor) -> torch.Tensor:
@@ -75,7 +77,7 @@ class SharedInputShrinks:
         """
         self._observe(x, A)
         pending = self._pending.pop(id(A), None)
-        if (pending is not None and pending[0]() is x and pending[1] == x._version
+        if (pending is not None and pending[0]() is x and pending[1] == input_version(x)
                 and pending[3]() is A):
             return pending[2]
         group = self._leaders.get(id(A))
@@ -86,7 +88,7 @@ class SharedInputShrinks:
                 first = group.widths[0]
                 for ref, width in zip(group.refs[1:], group.widths[1:]):
                     member = ref()
-                    self._pending[id(member)] = (weakref.ref(x), x._version,
+                    self._pending[id(member)] = (weakref.ref(x), input_version(x),
                                                  h[:, first:first + width], ref)
                     first += width
                 return h[:, :group.widths[0]]

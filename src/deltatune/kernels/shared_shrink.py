@@ -32,6 +32,12 @@ if TYPE_CHECKING:
     from deltatune.kernels.multi_lora import AdapterBank, LayoutSet
 
 
+def input_version(t: torch.Tensor) -> int:
+    """``t``'s version counter; -2 for an inference tensor (``torch.inference_mode``),
+    which has none: such inputs are matched by identity alone."""
+    return -2 if t.is_inference() else t._version
+
+
 def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
@@ -138,7 +144,7 @@ class ShrinkGroup:
             return None
         h = triton_lora.bgmv_shrink(x2, self.joined, index, n_out)
         for bank, view, offset in zip(self.banks[1:], self.views[1:], self.offsets[1:]):
-            bank.pending_h = (x, x._version, h[:, :, offset:offset + view.shape[1]], self)
+            bank.pending_h = (x, input_version(x), h[:, :, offset:offset + view.shape[1]], self)
         return h[:, :, :self.views[0].shape[1]]
 
     def whole(self, x: torch.Tensor, x2: torch.Tensor, index: torch.Tensor,
@@ -170,7 +176,7 @@ class ShrinkGroup:
             first += width
         triton_lora.bgmv_add_group(flat, self.b_joined, h, index, tiles, rows, block_n)
         for j, (bank, out) in enumerate(zip(self.banks[1:], outs[1:]), start=1):
-            bank.pending_y = (x, x._version, out, self, self.bases[j])
+            bank.pending_y = (x, input_version(x), out, self, self.bases[j])
         return outs[0]
 
 
@@ -183,7 +189,7 @@ def shared_shrink(bank: AdapterBank, x: torch.Tensor, x2: torch.Tensor,
     """
     pending, bank.pending_h = bank.pending_h, None
     group = bank.shrink_group
-    if (pending is not None and pending[0] is x and pending[1] == x._version
+    if (pending is not None and pending[0] is x and pending[1] == input_version(x)
             and pending[3] is group):
         return pending[2]
     if group is None or group.banks[0] is not bank:
@@ -207,7 +213,7 @@ def sibling_output(bank: AdapterBank, x: torch.Tensor, x2: torch.Tensor,
     """
     pending, bank.pending_y = bank.pending_y, None
     group = bank.shrink_group
-    if (pending is not None and pending[0] is x and pending[1] == x._version
+    if (pending is not None and pending[0] is x and pending[1] == input_version(x)
             and pending[3] is group and pending[4][0] is weight and pending[4][1] is bias):
         return pending[2]
     if group is None or group.banks[0] is not bank:
@@ -234,14 +240,14 @@ class SiblingInputs:
         """Record that ``bank`` was called with ``x``; ``signature`` (adapter names, rows,
         tokens per row, layout kind last) must match within a run. ``base``: the bank's
         (weight, bias), for groups that compute whole outputs."""
-        if x is self.x and x._version == self.version and signature == self.signature:
+        if x is self.x and input_version(x) == self.version and signature == self.signature:
             if bank not in self.banks:
                 self.banks.append(bank)
                 self.bases.append(base)
             return
         banks, bases = self.banks, self.bases
         kind = self.signature[-1] if self.signature else None
-        self.x, self.version, self.signature = x, x._version, signature
+        self.x, self.version, self.signature = x, input_version(x), signature
         self.banks, self.bases = [bank], [base]
         if len(banks) > 1:
             ShrinkGroup.form(banks, kind, bases if None not in bases else None)
