@@ -6,14 +6,16 @@ read of the whole output. Here a persistent Triton GEMM fed by the tensor memory
 accelerator (TMA: tiles copied by descriptors, Hopper and later) computes
 ``x W^T + b + s h B^T`` with the rank-r product as one more MMA before its single store.
 
-Measured on an H200 at 16384 rows, bf16 (``bench/tma_probe.py``, run
-``tma_probe-20261201-185415``), against cuBLAS + the expand pass: 0.945x at 4096 -> 14336,
-0.845x at 2048 -> 8192, 0.968x at 2048 -> 2048; slower where the output is narrower than
-the input (1.04x at 8192 -> 2048, 1.32x at 2048 -> 512). So by default (``auto``) it is
-taken for at least :data:`MIN_ROWS` rows and outputs at least as wide as the input and
-2048 wide, in bf16/fp16 on a GPU of compute capability 9 or more, outside
-``torch.compile``. ``DELTATUNE_TMA_LORA=0`` turns it off, ``always`` takes it wherever
-the layout allows (tests; on the CPU through Triton's interpreter).
+Measured on an H200, bf16 (``bench/tma_probe.py``, runs ``tma_probe-20261201-185415`` and
+``-190109``), against cuBLAS + the expand pass, at 16384 rows: 0.945x / 0.875x at
+4096 -> 14336, 0.845x / 0.873x at 2048 -> 8192, but 0.968x / 1.039x at 2048 -> 2048 and
+slower where the output is narrower than the input (1.02-1.04x at 8192 -> 2048,
+1.25-1.32x at 2048 -> 512); at 4096 rows 0.932x (4096 -> 14336), 0.993x (2048 -> 8192)
+and 1.14x (2048 -> 2048). So by default (``auto``) it is taken for at least
+:data:`MIN_ROWS` rows and outputs at least :data:`MIN_WIDEN` times the input's width (an
+MLP's up and gate projections), in bf16/fp16 on a GPU of compute capability 9 or more,
+outside ``torch.compile``. ``DELTATUNE_TMA_LORA=0`` turns it off, ``always`` takes it
+wherever the layout allows (tests; on the CPU through Triton's interpreter).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from deltatune.kernels import triton_lora
 
 MIN_ROWS = 4096
-MIN_WIDTH = 2048
+MIN_WIDEN = 2
 # BM, BN, BK, pipeline stages, warps: the best of five at every measured shape it takes
 CONFIG = (128, 256, 64, 3, 8)
 # ranks above 16: the h and B tiles no longer fit beside that one's stages in the H200's
@@ -64,7 +66,7 @@ def applies(x2: torch.Tensor, weight: torch.Tensor, rank: int) -> bool:
             or not (_aligned(x2) and _aligned(weight))):
         return False
     rows, (d_out, d_in) = x2.shape[0], weight.shape
-    return mode == "always" or (rows >= MIN_ROWS and d_out >= max(d_in, MIN_WIDTH))
+    return mode == "always" or (rows >= MIN_ROWS and d_out >= MIN_WIDEN * d_in)
 
 
 _REFUSED: set[tuple] = set()  # (config, dtype) the GPU refused (out of shared memory)
@@ -125,5 +127,5 @@ def _launch(kernel, grid, descriptor, x2, weight, y, h, B, bias, scale, config, 
         HAS_BIAS=bias is not None, num_stages=stages, num_warps=warps)
 
 
-__all__ = ["CONFIG", "MAX_RANK", "MIN_ROWS", "MIN_WIDTH", "WIDE_RANK_CONFIG", "applies",
+__all__ = ["CONFIG", "MAX_RANK", "MIN_ROWS", "MIN_WIDEN", "WIDE_RANK_CONFIG", "applies",
            "lora_gemm"]
