@@ -1,19 +1,23 @@
-"""One shrink launch for layers that read the same input in a mixed-adapter decode step.
+"""Sibling groups: layers that read the same input in a mixed-adapter decode step.
 
 In a Llama layer q, k and v read the same hidden states, and so do gate and up. Under the
 BGMV add layouts (:mod:`deltatune.kernels.multi_lora`, :func:`~deltatune.kernels.
 triton_lora.bgmv_layout`) each adapted linear costs a cuBLAS base call, a shrink launch
-(every row through its own adapter's A) and an expand launch. The shrinks of such siblings
-can be one launch over their A stacks laid side by side along the rank: on an H200 that
-took a 1B mixed-32 decode step from 0.787x to 0.827x one adapter's throughput
-(docs/performance.md, fifth session).
+(every row through its own adapter's A) and an add launch. Siblings share:
+
+- their shrinks, as one launch over their A stacks laid side by side along the rank (on
+  an H200 a 1B mixed-32 decode step went from 0.787x to 0.827x one adapter's throughput,
+  docs/performance.md, fifth session);
+- with the gathered layout and equal ranks, also the add: the leader computes every
+  member's base GEMV into one buffer and adds all their LoRA terms in one launch through
+  their B stacks laid side by side (0.834x -> 0.892x, sixth session). The members return
+  their blocks.
 
 Nothing about the model's structure is assumed. :class:`SiblingInputs` learns the groups
 at run time: calls with the very same input tensor object, unchanged (version counter),
 the same adapters and the same rows, one after another. A layer whose input turns out to
-be another tensor computes its own shrink. The first layer of a group (the leader) then
-computes every member's shrink and leaves each member its slice of h, tagged with the
-input it came from.
+be another tensor computes its own output. The first layer of a group (the leader) leaves
+each member its slice of h or its whole output, tagged with the input it came from.
 
 A group belongs to one adapter set of each bank (:class:`~deltatune.kernels.multi_lora.
 LayoutSet`): a batch of another mix builds its own layouts, and a decoder's graphs keep
