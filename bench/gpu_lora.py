@@ -343,6 +343,15 @@ def triton_checks(expect) -> None:
 
 
 # --------------------------------------------------------------------------- kernels
+def save_results(prefix: str, result: dict) -> None:
+    """Write ``result`` as ``<prefix>-<UTC time>.json`` to bench/results/ and to $OUT (the
+    folder the device tool brings back) when set."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    for folder in filter(None, [os.environ.get("OUT"), "bench/results"]):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / f"{prefix}-{stamp}.json").write_text(json.dumps(result, indent=1))
+
+
 @contextlib.contextmanager
 def tma_off():
     """Within: LoRA linears keep cuBLAS for many rows (no TMA GEMM; the A/B rows)."""
@@ -1217,10 +1226,7 @@ def main(argv: list[str] | None = None) -> None:
                 infer_bench(shape, pb, pl, args.decode_tokens, args.frameworks.split(","),
                             args.reps)
     finally:
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-        for folder in filter(None, [os.environ.get("OUT"), "bench/results"]):
-            Path(folder).mkdir(parents=True, exist_ok=True)
-            (Path(folder) / f"gpu_lora-{stamp}.json").write_text(json.dumps(RESULTS, indent=1))
+        save_results("gpu_lora", RESULTS)
     summary()
 
 

@@ -14,16 +14,13 @@ Correctness first (each variant against float64), then a table; JSON to bench/re
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from gpu_lora import _graph_time  # bench/ is the script's directory
+from gpu_lora import _graph_time, save_results  # bench/ is the script's directory
 
 from deltatune.kernels import multi_lora, triton_lora
 
@@ -268,10 +265,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name:<34}{ms:9.3f}{ms / times['merged']:11.3f}{one / ms:10.3f}")
         result["rows"].append(dict(variant=name, ms=ms, vs_merged=ms / times["merged"],
                                    one_adapter_over_this=one / ms))
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    for folder in filter(None, [os.environ.get("OUT"), "bench/results"]):
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        (Path(folder) / f"mixed_layouts-{stamp}.json").write_text(json.dumps(result, indent=1))
+    save_results("mixed_layouts", result)
 
 
 if __name__ == "__main__":

@@ -10,20 +10,21 @@ at the layer and 1B prefill shapes (bf16). Correctness first (against float32 to
 a table; JSON to bench/results/.
 
     PYTHONPATH=src python bench/tma_probe.py
+
+It times deltatune's own kernel (``kernels/tma_lora.py``). The runs of 2026-12-01 (185349,
+185415, 190109) timed a first copy of it, written here, with the scale folded into h on
+the host; the kernel since takes the scale in its epilogue and was not re-timed here.
 """
 
 from __future__ import annotations
 
-import functools
-import json
-import os
 import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
+from gpu_lora import save_results  # bench/ is the script's directory
 
 SHAPES = [(16384, 4096, 14336), (16384, 2048, 8192), (16384, 2048, 2048),
           (16384, 8192, 2048), (16384, 2048, 512), (4096, 2048, 8192),
@@ -35,56 +36,21 @@ CONFIGS = [(128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (256, 128, 64, 3, 8),
 RANK = 16
 
 
-@functools.lru_cache(maxsize=1)
-def _kernel():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def gemm_lora(x_desc, w_desc, y_desc, h_desc, b_desc, M, N, K,
-                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, R: tl.constexpr,
-                  GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr, LORA: tl.constexpr):
-        # persistent: each program walks tiles PROGRAMS apart, grouped along M so that a
-        # band of W tiles stays in L2; y = x W^T (+ h B^T, the scale folded into h)
-        num_m = tl.cdiv(M, BM)
-        num_n = tl.cdiv(N, BN)
-        k_tiles = tl.cdiv(K, BK)
-        for tile in tl.range(tl.program_id(0), num_m * num_n, PROGRAMS, flatten=True):
-            per_group = GROUP_M * num_n
-            first_m = (tile // per_group) * GROUP_M
-            size_m = tl.minimum(num_m - first_m, GROUP_M)
-            off_m = (first_m + (tile % per_group) % size_m) * BM
-            off_n = ((tile % per_group) // size_m) * BN
-            acc = tl.zeros((BM, BN), dtype=tl.float32)
-            for ki in range(k_tiles):
-                xt = x_desc.load([off_m, ki * BK])
-                wt = w_desc.load([off_n, ki * BK])
-                acc = tl.dot(xt, wt.T, acc)
-            if LORA:
-                ht = h_desc.load([off_m, 0])
-                bt = b_desc.load([off_n, 0])
-                acc = tl.dot(ht, bt.T, acc)
-            y_desc.store([off_m, off_n], acc.to(y_desc.dtype))
-
-    return triton, gemm_lora
-
-
-def triton_gemm(x, W, h, B, cfg, lora: bool, out=None):
-    """y = x W^T (+ h B^T) by the persistent TMA kernel with tile configuration ``cfg``."""
+def triton_gemm(x, W, h, B, cfg, lora: bool):
+    """y = x W^T (+ h B^T) by deltatune's TMA kernel (kernels/tma_lora.py) with tile
+    configuration ``cfg``; ``lora`` False: the plain GEMM (its epilogue skipped)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    triton, kernel = _kernel()
-    bm, bn, bk, stages, warps = cfg
-    M, K = x.shape
-    N = W.shape[0]
-    y = out if out is not None else torch.empty(M, N, device=x.device, dtype=x.dtype)
-    programs = torch.cuda.get_device_properties(x.device).multi_processor_count
-    kernel[(min(programs, triton.cdiv(M, bm) * triton.cdiv(N, bn)),)](
-        TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(W, [bn, bk]),
-        TensorDescriptor.from_tensor(y, [bm, bn]), TensorDescriptor.from_tensor(h, [bm, RANK]),
-        TensorDescriptor.from_tensor(B, [bn, RANK]), M, N, K,
-        BM=bm, BN=bn, BK=bk, R=RANK, GROUP_M=8, PROGRAMS=programs, LORA=lora,
-        num_stages=stages, num_warps=warps)
+    from deltatune.kernels import tma_lora, triton_lora
+
+    triton, _, kernels = triton_lora._triton()
+    bm, bn = cfg[0], cfg[1]
+    M, N = x.shape[0], W.shape[0]
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    programs = min(torch.cuda.get_device_properties(x.device).multi_processor_count,
+                   triton.cdiv(M, bm) * triton.cdiv(N, bn))
+    tma_lora.launch(kernels["tma_lora_gemm"], (programs,), TensorDescriptor, x, W, y, h, B,
+                    None, 1.0, cfg, RANK, programs, lora=lora)
     return y
 
 
@@ -158,10 +124,7 @@ def main() -> None:
                   f"{plain / row['cublas_ms']:12.3f}{fused / row['cublas_expand_ms']:26.3f}  "
                   f"{cfg}")
         result["rows"].append(row)
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    for folder in filter(None, [os.environ.get("OUT"), "bench/results"]):
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        (Path(folder) / f"tma_probe-{stamp}.json").write_text(json.dumps(result, indent=1))
+    save_results("tma_probe", result)
 
 
 if __name__ == "__main__":

@@ -242,7 +242,7 @@ def bgmv_add_group_kernel(y_ptr, b_ptr, h_ptr, idx_ptr, tiles_ptr, M, R,
 def tma_lora_gemm_kernel(x_desc, w_desc, y_desc, h_desc, b_desc, bias_ptr, M, N, K, scale,
                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                          R: tl.constexpr, GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr,
-                         HAS_BIAS: tl.constexpr):
+                         HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr):
     # y = x W^T + b + s h B^T for many rows, tiles loaded by TMA descriptors. Persistent:
     # each program walks the output tiles PROGRAMS apart (flattened, so the loads of its
     # next tile overlap this one's epilogue), grouped along M so that a band of W tiles
@@ -261,9 +261,10 @@ def tma_lora_gemm_kernel(x_desc, w_desc, y_desc, h_desc, b_desc, bias_ptr, M, N,
             acc = tl.dot(x_desc.load([off_m, ki * BK]), w_desc.load([off_n, ki * BK]).T, acc)
         # the scale goes on h (BM x R), not on a second BM x BN product: two accumulator
         # tiles of 128 x 256 float32 spill registers (measured 4.6x slower)
-        ht = h_desc.load([off_m, 0])
-        ht = (ht.to(tl.float32) * scale).to(ht.dtype)
-        acc = tl.dot(ht, b_desc.load([off_n, 0]).T, acc)
+        if HAS_LORA:
+            ht = h_desc.load([off_m, 0])
+            ht = (ht.to(tl.float32) * scale).to(ht.dtype)
+            acc = tl.dot(ht, b_desc.load([off_n, 0]).T, acc)
         if HAS_BIAS:
             rn = off_n + tl.arange(0, BN)
             acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]

@@ -105,7 +105,7 @@ def lora_gemm(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         x2.device).multi_processor_count
     tiles = triton.cdiv(rows, bm) * triton.cdiv(d_out, bn)
     try:
-        _launch(kernels["tma_lora_gemm"], (min(programs, tiles),), TensorDescriptor, x2,
+        launch(kernels["tma_lora_gemm"], (min(programs, tiles),), TensorDescriptor, x2,
                 weight, y, h, B, bias, scale, (bm, bn, bk, stages, warps), rank,
                 min(programs, tiles))
     except OutOfResources:
@@ -114,8 +114,11 @@ def lora_gemm(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return y
 
 
-def _launch(kernel, grid, descriptor, x2, weight, y, h, B, bias, scale, config, rank,
-            programs) -> None:
+def launch(kernel, grid, descriptor, x2, weight, y, h, B, bias, scale, config, rank,
+           programs, lora: bool = True) -> None:
+    """Launch the TMA GEMM on ``grid`` with tile ``config`` (BM, BN, BK, stages, warps):
+    ``y = x2 W^T + b + s h B^T``, or without the rank-``rank`` term when ``lora`` is False
+    (the bench's plain-GEMM reference). ``descriptor`` is triton's TensorDescriptor."""
     bm, bn, bk, stages, warps = config
     rows, d_in = x2.shape
     kernel[grid](
@@ -124,7 +127,7 @@ def _launch(kernel, grid, descriptor, x2, weight, y, h, B, bias, scale, config, 
         descriptor.from_tensor(B, [bn, rank]), bias if bias is not None else y,
         rows, y.shape[1], d_in, float(scale),
         BM=bm, BN=bn, BK=bk, R=rank, GROUP_M=8, PROGRAMS=programs,
-        HAS_BIAS=bias is not None, num_stages=stages, num_warps=warps)
+        HAS_BIAS=bias is not None, HAS_LORA=lora, num_stages=stages, num_warps=warps)
 
 
 __all__ = ["CONFIG", "MAX_RANK", "MIN_ROWS", "MIN_WIDEN", "WIDE_RANK_CONFIG", "applies",
