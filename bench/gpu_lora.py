@@ -977,6 +977,10 @@ def graph_decode_bench(shape: str, decode_tokens: int, reps: int,
         if not whole:
             run(net, "mixed-32 (shrink-only groups)", (32,),
                 [names32[i % 32] for i in range(32)])
+    # the prompt (32 x 16 rows) through the Triton add layouts too (opt-in until measured)
+    os.environ["DELTATUNE_TRITON_PROMPT_ROWS"] = "512"
+    run(net, "mixed-32 (Triton add for prompts)", (32,), [names32[i % 32] for i in range(32)])
+    os.environ.pop("DELTATUNE_TRITON_PROMPT_ROWS")
     dec = None
     try:
         # the same with a mixed batch: its graph reads the AdapterBank's side-by-side
@@ -1111,7 +1115,9 @@ def summary() -> None:
                 f"{div(q('unmerged', 1), q('merged', 1)):.3f} b32 "
                 f"{div(q('unmerged', 32), q('merged', 32)):.3f} (<=1.10)  b32 mixed-32 "
                 f"throughput vs unmerged {div(q('unmerged', 32), q('mixed-32', 32)):.3f} "
-                f"(>=0.85)  merged b1 graph/eager {div(q('merged', 1), eager_b1):.3f}")
+                f"(>=0.85; Triton add for prompts "
+                f"{div(q('unmerged', 32), q('mixed-32 (Triton add for prompts)', 32)):.3f})"
+                f"  merged b1 graph/eager {div(q('merged', 1), eager_b1):.3f}")
             steps = {(r["name"], r["batch"]): r.get("step_ms", math.nan) for r in rows
                      if r["section"] == "graph_decode" and r["shape"] == shape
                      and r.get("batch")}

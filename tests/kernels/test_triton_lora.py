@@ -321,6 +321,34 @@ def test_group_add_equals_each_members_own_lora_term(dev, rows):
         first += n
 
 
+@kernel_test
+def test_mixed_prompt_rows_take_the_add_layouts_when_asked(dev, monkeypatch):
+    """DELTATUNE_TRITON_PROMPT_ROWS: a mixed prompt of more rows than SMALL_M takes the
+    cuBLAS base + Triton shrink/add (whole groups included); logits stay the plain path's."""
+    monkeypatch.setenv("DELTATUNE_TRITON_BGMV", "add")
+    monkeypatch.setattr(triton_lora, "SMALL_M", 8)
+    dm = _two_loras(tiny_llama(), dev)
+    ids, names = token_batch(3, 5).to(dev), ["a", None, "b"]  # 15 rows > 8
+    adds = {"n": 0}
+    group = triton_lora.bgmv_add_group
+
+    def counted(*a, **k):
+        adds["n"] += 1
+        return group(*a, **k)
+
+    monkeypatch.setattr(triton_lora, "bgmv_add_group", counted)
+    for prompt_rows, used in (("0", False), ("64", True)):
+        monkeypatch.setenv("DELTATUNE_TRITON_PROMPT_ROWS", prompt_rows)
+        for _ in range(2):  # the second pass runs the groups the first one showed
+            with torch.no_grad():
+                with fast_path("off"):
+                    ref = dm(input_ids=ids, delta_names=names).logits
+                with fast_path("on"):
+                    got = dm(input_ids=ids, delta_names=names).logits
+            assert _rel(got, ref) < 1e-5
+        assert (adds["n"] > 0) == used
+
+
 def _two_loras(model, dev) -> dt.DeltaModel:
     """``model`` with LoRA deltas "a" and "b" (r=4, every linear), random, on ``dev``."""
     dm = dt.attach(model, dt.LoraConfig(r=4, target_modules="all-linear"), name="a")

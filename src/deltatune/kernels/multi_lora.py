@@ -381,7 +381,9 @@ class AdapterBank:
         """Return x W^T + b plus each row's LoRA term by the Triton BGMV kernels, or None.
 
         Taken for few tokens (at most :data:`DECODE_TOKENS` per row and
-        :data:`~deltatune.kernels.triton_lora.SMALL_M` in all) outside autograd on a
+        :data:`~deltatune.kernels.triton_lora.SMALL_M` in all, or
+        :func:`~deltatune.kernels.triton_lora.prompt_rows` for the add layouts) outside
+        autograd on a
         device Triton runs on; None tells the caller to run the base layer and
         :meth:`apply`. Arguments as for :meth:`apply`, with the base layer's (d_out, d_in)
         ``weight`` and ``bias`` instead of its output.
@@ -390,7 +392,10 @@ class AdapterBank:
         total = x.numel() // max(d_in, 1)
         tokens = total // max(x.shape[0], 1)
         layout = triton_lora.bgmv_layout(d_in)
-        if (torch.is_grad_enabled() or x.dim() < 2 or total > triton_lora.SMALL_M
+        limit = triton_lora.SMALL_M
+        if layout is not None and layout.startswith("add-"):
+            limit = max(limit, triton_lora.prompt_rows())
+        if (torch.is_grad_enabled() or x.dim() < 2 or total > limit
                 or tokens > DECODE_TOKENS or layout is None or not triton_lora.available(x)):
             return None
         As, Bs, cache = self._prepare(names, As, Bs, scales, x, keys)

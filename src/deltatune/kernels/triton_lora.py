@@ -125,6 +125,17 @@ def bgmv_layout(d_in: int) -> str | None:
     return _BGMV_LAYOUTS.get(mode)
 
 
+def prompt_rows() -> int:
+    """Up to how many rows (tokens) a mixed-adapter prompt takes the Triton add layouts
+    (cuBLAS base, Triton shrink and add) instead of cuBLAS's concatenated layout:
+    ``DELTATUNE_TRITON_PROMPT_ROWS``, 0 by default (off: not yet measured against the
+    concatenated layout; the bench's graph-decode run has a row with it at 512)."""
+    try:
+        return max(0, int(os.environ.get("DELTATUNE_TRITON_PROMPT_ROWS", "0")))
+    except ValueError:
+        return 0
+
+
 def available(x: torch.Tensor | None = None) -> bool:
     """True when the Triton kernels can run now (on ``x``'s device, when given)."""
     mode = os.environ.get("DELTATUNE_TRITON", "graphs")
@@ -489,7 +500,7 @@ def bgmv_add_group(y: torch.Tensor, b_joined: torch.Tensor, h: torch.Tensor,
 
 
 __all__ = ["BGMV_ADD_MAX_K", "MAX_RANK", "SMALL_M", "available", "bgmv_layout", "bgmv_matmul",
-           "bgmv_add_group", "bgmv_shrink",
+           "bgmv_add_group", "bgmv_shrink", "prompt_rows",
            "concat_layout", "group_block_n", "group_tiles", "expand_layout",
            "for_graphs", "interpreted", "pays",
            "lora_matmul",
