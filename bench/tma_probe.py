@@ -10,6 +10,7 @@ at the layer and 1B prefill shapes (bf16). Correctness first (against float32 to
 a table; JSON to bench/results/.
 
     PYTHONPATH=src python bench/tma_probe.py
+    TMA_PROBE_RANK=32 PYTHONPATH=src python bench/tma_probe.py   # (128, 128, 64, 3, 8) tiles
 
 It times deltatune's own kernel (``kernels/tma_lora.py``). The runs of 2026-12-01 (185349,
 185415, 190109) timed a first copy of it, written here, with the scale folded into h on
@@ -18,6 +19,7 @@ the host; the kernel since takes the scale in its epilogue and was not re-timed 
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import sys
@@ -33,7 +35,7 @@ CONFIGS = [(128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (256, 128, 64, 3, 8),
            (128, 128, 64, 3, 4), (64, 256, 64, 4, 4)]  # BM, BN, BK, stages, warps
 # (128, 256, 64, 4, 8) and (128, 128, 128, 3, 8) need more than the H200's 227 KiB of
 # shared memory (tma_probe-20261201-185349)
-RANK = 16
+RANK = int(os.environ.get("TMA_PROBE_RANK", "16"))  # ranks above 16: narrower tiles
 
 
 def triton_gemm(x, W, h, B, cfg, lora: bool):

@@ -13,7 +13,8 @@ slower where the output is narrower than the input (1.02-1.04x at 8192 -> 2048,
 1.25-1.32x at 2048 -> 512); at 4096 rows 0.932x (4096 -> 14336), 0.993x (2048 -> 8192)
 and 1.14x (2048 -> 2048). So by default (``auto``) it is taken for at least
 :data:`MIN_ROWS` rows and outputs at least :data:`MIN_WIDEN` times the input's width (an
-MLP's up and gate projections), in bf16/fp16 on a GPU of compute capability 9 or more,
+MLP's up and gate projections) and ranks up to 16 (larger ones take other tiles, not yet
+timed), in bf16/fp16 on a GPU of compute capability 9 or more,
 outside ``torch.compile``. ``DELTATUNE_TMA_LORA=0`` turns it off, ``always`` takes it
 wherever the layout allows (tests; on the CPU through Triton's interpreter).
 """
@@ -66,7 +67,9 @@ def applies(x2: torch.Tensor, weight: torch.Tensor, rank: int) -> bool:
             or not (_aligned(x2) and _aligned(weight))):
         return False
     rows, (d_out, d_in) = x2.shape[0], weight.shape
-    return mode == "always" or (rows >= MIN_ROWS and d_out >= MIN_WIDEN * d_in)
+    # ranks above 16 take WIDE_RANK_CONFIG, not yet timed: by default only where measured
+    return mode == "always" or (rows >= MIN_ROWS and d_out >= MIN_WIDEN * d_in
+                                and rank <= 16)
 
 
 _REFUSED: set[tuple] = set()  # (config, dtype) the GPU refused (out of shared memory)
