@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One `device` call that re-checks the GPU paths after a change, in the order that matters:
 # the CUDA tests first, then the bench's correctness rows with decode, one layer and
-# prefill timings (1B shape), then the TMA probe at rank 32. Logs and JSON land in $OUT (the device tool
-# brings that folder back) and in bench/results/.
+# prefill timings (1B shape), then the TMA probe at rank 32. Logs and JSON land in $OUT
+# (the device tool brings that folder back) and in bench/results/.
 #
 #   bash bench/gpu_checks.sh            # meant to fit one device call (10 minutes)
 set -u
