@@ -349,6 +349,40 @@ def test_mixed_prompt_rows_take_the_add_layouts_when_asked(dev, monkeypatch):
         assert (adds["n"] > 0) == used
 
 
+@kernel_test
+def test_group_member_with_a_replaced_base_weight_computes_its_own_output(dev, monkeypatch):
+    """The leader computes members' outputs from their weights as last called: a member
+    whose base weight became another tensor (or changed in place) still gets its own."""
+    from deltatune.core.layers import DeltaLayer
+
+    monkeypatch.setenv("DELTATUNE_TRITON_BGMV", "add")
+    dm = _two_loras(tiny_llama(), dev)
+    # several tokens per row: with one, attention ignores k entirely
+    ids, names = token_batch(3, 4).to(dev), ["a", None, "b"]
+
+    def check():
+        with torch.no_grad():
+            with fast_path("off"):
+                ref = dm(input_ids=ids, delta_names=names).logits
+            with fast_path("on"):
+                got = dm(input_ids=ids, delta_names=names).logits
+        assert _rel(got, ref) < 1e-5
+
+    for _ in range(2):
+        check()
+    attn = dm.model.model.layers[0].self_attn
+    k_proj, v_proj = attn.k_proj, attn.v_proj
+    assert isinstance(k_proj, DeltaLayer) and k_proj.__dict__["_lora_bank"].shrink_group
+    g = torch.Generator().manual_seed(8)
+    w = k_proj.base.weight
+    k_proj.base.weight = torch.nn.Parameter(  # another tensor: the member's own output
+        (torch.randn(w.shape, generator=g) * 0.3).to(w.device, w.dtype), requires_grad=False)
+    with torch.no_grad():
+        v_proj.base.weight.mul_(1.7)  # in place: the leader reads the new values
+    for _ in range(2):
+        check()
+
+
 def _two_loras(model, dev) -> dt.DeltaModel:
     """``model`` with LoRA deltas "a" and "b" (r=4, every linear), random, on ``dev``."""
     dm = dt.attach(model, dt.LoraConfig(r=4, target_modules="all-linear"), name="a")
