@@ -234,7 +234,8 @@ def test_layers_reading_one_input_share_one_shrink(dev, monkeypatch, whole):
     dm.add("b", dt.LoraConfig(r=8, lora_alpha=8, target_modules="all-linear"))
     randomize_deltas(dm, std=0.1)
     dm.to(dev).eval()
-    ids, names = token_batch(3, 1).to(dev), ["a", None, "b"]
+    # three tokens per row: with one, attention would ignore k (a wrong k output would pass)
+    ids, names = token_batch(3, 3).to(dev), ["a", None, "b"]
     launches = {"shrink": 0, "add": 0, "group add": 0}
     shrink, matmul, group = (triton_lora.bgmv_shrink, triton_lora.bgmv_matmul,
                              triton_lora.bgmv_add_group)
