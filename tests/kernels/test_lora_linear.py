@@ -182,3 +182,33 @@ def test_prefill_linears_reading_one_input_share_one_shrink_gemm(monkeypatch):
     with torch.inference_mode(), fast_path("on"):
         for _ in range(2):
             assert _rel(dm(input_ids=ids).logits, ref) < 1e-5
+
+
+@pytest.mark.parametrize("rows,d_in,d_out,rank,taken", [
+    (16384, 2048, 8192, 16, True),     # 1B up/gate: 0.85-0.87x cuBLAS + expand
+    (16384, 4096, 14336, 16, True),    # 8B up/gate: 0.88-0.95x
+    (4096, 4096, 14336, 8, True),      # 0.93x at 4096 rows
+    (16384, 2048, 2048, 16, False),    # square: 0.97-1.14x, a wash
+    (16384, 8192, 2048, 16, False),    # narrowing (down): 1.02-1.04x
+    (16384, 2048, 512, 16, False),     # k/v: 1.25-1.32x
+    (2048, 2048, 8192, 16, False),     # too few rows (not measured)
+    (16384, 2048, 8192, 32, False),    # wider-rank tiles, not yet timed
+])
+def test_tma_gemm_is_taken_by_default_only_where_it_measured_faster(rows, d_in, d_out, rank,
+                                                                    taken):
+    from deltatune.kernels import tma_lora
+
+    assert tma_lora.pays(rows, d_in, d_out, rank) is taken
+
+
+def test_unknown_kernel_switch_values_warn_and_keep_the_default(monkeypatch):
+    from deltatune.kernels import tma_lora, triton_lora
+
+    monkeypatch.setenv("DELTATUNE_TMA_LORA", "yes please")
+    with pytest.warns(UserWarning, match="DELTATUNE_TMA_LORA='yes please' is not one of"):
+        assert tma_lora._mode() == "auto"
+    monkeypatch.setenv("DELTATUNE_TRITON_PROMPT_ROWS", "many")
+    with pytest.warns(UserWarning, match="DELTATUNE_TRITON_PROMPT_ROWS='many'"):
+        assert triton_lora.prompt_rows() == 0
+    monkeypatch.setenv("DELTATUNE_TMA_LORA", "OFF")
+    assert tma_lora._mode() == "off"

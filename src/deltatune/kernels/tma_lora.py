@@ -21,7 +21,9 @@ wherever the layout allows (tests; on the CPU through Triton's interpreter).
 
 from __future__ import annotations
 
+import functools
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -39,9 +41,22 @@ MAX_RANK = 64
 _INTERPRETER_CONFIG = (32, 32, 32, 1, 4)
 
 
+_MODES = {"auto": "auto", "0": "off", "off": "off", "false": "off", "1": "always",
+          "always": "always", "true": "always"}
+
+
 def _mode() -> str:
     value = os.environ.get("DELTATUNE_TMA_LORA", "auto").strip().lower()
-    return {"0": "off", "false": "off", "1": "always", "true": "always"}.get(value, value)
+    mode = _MODES.get(value)
+    if mode is None:
+        _warn_once(f"DELTATUNE_TMA_LORA={value!r} is not one of auto, 0, always: using auto")
+        mode = "auto"
+    return mode
+
+
+@functools.lru_cache(maxsize=8)
+def _warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -66,10 +81,14 @@ def applies(x2: torch.Tensor, weight: torch.Tensor, rank: int) -> bool:
     if (x2.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != x2.dtype
             or not (_aligned(x2) and _aligned(weight))):
         return False
-    rows, (d_out, d_in) = x2.shape[0], weight.shape
-    # ranks above 16 take WIDE_RANK_CONFIG, not yet timed: by default only where measured
-    return mode == "always" or (rows >= MIN_ROWS and d_out >= MIN_WIDEN * d_in
-                                and rank <= 16)
+    return mode == "always" or pays(x2.shape[0], weight.shape[1], weight.shape[0], rank)
+
+
+def pays(rows: int, d_in: int, d_out: int, rank: int) -> bool:
+    """Where the TMA GEMM measured faster than cuBLAS + the expand pass (module docstring):
+    many rows, outputs at least :data:`MIN_WIDEN` times the input's width, rank up to 16
+    (larger ranks take WIDE_RANK_CONFIG, not yet timed)."""
+    return rows >= MIN_ROWS and d_out >= MIN_WIDEN * d_in and rank <= 16
 
 
 _REFUSED: set[tuple] = set()  # (config, dtype) the GPU refused (out of shared memory)
@@ -133,5 +152,5 @@ def launch(kernel, grid, descriptor, x2, weight, y, h, B, bias, scale, config, r
         HAS_BIAS=bias is not None, HAS_LORA=lora, num_stages=stages, num_warps=warps)
 
 
-__all__ = ["CONFIG", "MAX_RANK", "MIN_ROWS", "MIN_WIDEN", "WIDE_RANK_CONFIG", "applies",
+__all__ = ["CONFIG", "MAX_RANK", "MIN_ROWS", "MIN_WIDEN", "WIDE_RANK_CONFIG", "applies", "pays",
            "lora_gemm"]

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -130,10 +131,18 @@ def prompt_rows() -> int:
     (cuBLAS base, Triton shrink and add) instead of cuBLAS's concatenated layout:
     ``DELTATUNE_TRITON_PROMPT_ROWS``, 0 by default (off: not yet measured against the
     concatenated layout; the bench's graph-decode run has a row with it at 512)."""
+    value = os.environ.get("DELTATUNE_TRITON_PROMPT_ROWS", "0")
     try:
-        return max(0, int(os.environ.get("DELTATUNE_TRITON_PROMPT_ROWS", "0")))
+        return max(0, int(value))
     except ValueError:
+        _warn_once(f"DELTATUNE_TRITON_PROMPT_ROWS={value!r} is not a number of rows: "
+                   f"using 0 (off)")
         return 0
+
+
+@functools.lru_cache(maxsize=8)
+def _warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
 
 
 def available(x: torch.Tensor | None = None) -> bool:
