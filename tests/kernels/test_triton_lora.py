@@ -218,8 +218,8 @@ def test_model_decode_paths_equal_the_plain_path(dev, monkeypatch, bgmv):
 
 
 @kernel_test
-@pytest.mark.parametrize("whole", [True, False])
-def test_layers_reading_one_input_share_one_shrink(dev, monkeypatch, whole):
+@pytest.mark.parametrize("whole,stacked", [(True, False), (False, False), (True, True)])
+def test_layers_reading_one_input_share_one_shrink(dev, monkeypatch, whole, stacked):
     """q, k, v (and gate, up) read the same tensor: after one pass has shown it, the first
     of them computes all their shrinks in one launch, and the logits stay the plain path's,
     also after an in-place adapter switch (the shared stack is rewritten in place). With
@@ -229,6 +229,8 @@ def test_layers_reading_one_input_share_one_shrink(dev, monkeypatch, whole):
 
     monkeypatch.setenv("DELTATUNE_TRITON_BGMV", "add")
     monkeypatch.setattr(shared_shrink, "WHOLE_GROUPS", whole)
+    # stacked: the members' base weights copied side by side, one GEMV (opt-in)
+    monkeypatch.setenv("DELTATUNE_STACK_SIBLINGS", "1" if stacked else "0")
     dm = dt.attach(tiny_llama(), dt.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"),
                    name="a")
     dm.add("b", dt.LoraConfig(r=8, lora_alpha=8, target_modules="all-linear"))
@@ -280,6 +282,9 @@ def test_layers_reading_one_input_share_one_shrink(dev, monkeypatch, whole):
     dm.load_delta_state_dict(dm.delta_state_dict("b"), "a")  # in place: a's values = b's
     got, ref = both()
     assert launches == grouped and _rel(got, ref) < 1e-5
+    groups = {id(b.shrink_group): b.shrink_group for b in multi_lora.banks_of(dm)
+              if b.shrink_group is not None}
+    assert groups and all((g._stack is not None) == stacked for g in groups.values())
     # other rows: the layers re-lay out their adapters, the groups dissolve and re-form
     names[:] = ["b", "a", "a"]
     for want in (alone, grouped):
@@ -351,12 +356,16 @@ def test_mixed_prompt_rows_take_the_add_layouts_when_asked(dev, monkeypatch):
 
 
 @kernel_test
-def test_group_member_with_a_replaced_base_weight_computes_its_own_output(dev, monkeypatch):
+@pytest.mark.parametrize("stacked", [False, True])
+def test_group_member_with_a_replaced_base_weight_computes_its_own_output(dev, monkeypatch,
+                                                                          stacked):
     """The leader computes members' outputs from their weights as last called: a member
-    whose base weight became another tensor (or changed in place) still gets its own."""
+    whose base weight became another tensor (or changed in place: the stacked copy is
+    rewritten) still gets its own."""
     from deltatune.core.layers import DeltaLayer
 
     monkeypatch.setenv("DELTATUNE_TRITON_BGMV", "add")
+    monkeypatch.setenv("DELTATUNE_STACK_SIBLINGS", "1" if stacked else "0")
     dm = _two_loras(tiny_llama(), dev)
     # several tokens per row: with one, attention ignores k entirely
     ids, names = token_batch(3, 4).to(dev), ["a", None, "b"]

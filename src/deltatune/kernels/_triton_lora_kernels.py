@@ -201,16 +201,17 @@ def lora_mm_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, h_ptr, idx_ptr, y_ptr,
 
 
 @triton.jit
-def bgmv_add_group_kernel(y_ptr, b_ptr, h_ptr, idx_ptr, tiles_ptr, M, R,
-                          s_be, s_br, s_bn, s_hs, s_hm,
+def bgmv_add_group_kernel(y_ptr, b_ptr, h_ptr, idx_ptr, tiles_ptr, M, R, s_ym,
+                          s_be, s_br, s_bn, s_hs, s_hm, SIDE_BY_SIDE: tl.constexpr,
                           H_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_R: tl.constexpr):
     # Several layers' LoRA terms (siblings reading one input) in one launch. Their B's sit
     # side by side along the output columns of one (E, R, sum N) tensor, their h's side by
     # side along the rank of the shared shrink's partial sums (H_SPLIT, M, members x R),
     # and their outputs one after another in y: member j's (M, N_j) block starts at
-    # M * first_j. Row t of the tile table (int32, 4 per tile): the tile's first column,
-    # its member's first column and width, and the member's first h column.
+    # M * first_j (SIDE_BY_SIDE: one (M, sum N) matrix of row stride s_ym, the members'
+    # columns side by side). Row t of the tile table (int32, 4 per tile): the tile's first
+    # column, its member's first column and width, and the member's first h column.
     meta = tiles_ptr + tl.program_id(0) * 4
     c0 = tl.load(meta)
     first = tl.load(meta + 1)
@@ -232,7 +233,10 @@ def bgmv_add_group_kernel(y_ptr, b_ptr, h_ptr, idx_ptr, tiles_ptr, M, R,
         hg += tl.load(h_ptr + s * s_hs + rm[:, None] * s_hm + h_off + rr[None, :],
                       mask=mask_m[:, None] & mask_r[None, :], other=0.0)
     acc = tl.sum(hg[:, :, None] * b3.to(tl.float32), axis=1)
-    y_ptrs = y_ptr + M * first + rm[:, None] * width + (rn - first)[None, :]
+    if SIDE_BY_SIDE:  # one (M, sum N) matrix of row stride s_ym
+        y_ptrs = y_ptr + rm[:, None] * s_ym + rn[None, :]
+    else:
+        y_ptrs = y_ptr + M * first + rm[:, None] * width + (rn - first)[None, :]
     out_mask = mask_m[:, None] & mask_n[None, :]
     acc += tl.load(y_ptrs, mask=out_mask, other=0.0).to(tl.float32)
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)

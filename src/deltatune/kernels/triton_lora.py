@@ -486,10 +486,13 @@ def group_tiles(widths: Sequence[int], ranks: Sequence[int], block_n: int,
 
 
 def bgmv_add_group(y: torch.Tensor, b_joined: torch.Tensor, h: torch.Tensor,
-                   index: torch.Tensor, tiles: torch.Tensor, rows: int, block_n: int) -> None:
+                   index: torch.Tensor, tiles: torch.Tensor, rows: int, block_n: int,
+                   row_stride: int | None = None) -> None:
     """Add several layers' per-row LoRA terms into their outputs, in one launch.
 
-    ``y`` is one flat buffer holding each member's (rows, N_j) output one after another;
+    ``y`` is one flat buffer holding each member's (rows, N_j) output one after another,
+    or with ``row_stride`` one (rows, sum N) matrix of that row stride, the members'
+    outputs side by side;
     ``b_joined`` (E, r, sum N) their B's side by side along the columns, scale folded in
     (entry e: adapter e; the last all zeros), any strides; ``h`` the shared shrink's
     float32 partial sums (S, rows, members x r) (:func:`bgmv_shrink` through the members'
@@ -502,9 +505,10 @@ def bgmv_add_group(y: torch.Tensor, b_joined: torch.Tensor, h: torch.Tensor,
     r = b_joined.shape[1]
     block_m = 16
     kernels["bgmv_add_group"][(tiles.shape[0], -(-rows // block_m))](
-        y, b_joined, h, index, tiles, rows, r,
+        y, b_joined, h, index, tiles, rows, r, row_stride or 0,
         b_joined.stride(0), b_joined.stride(1), b_joined.stride(2), h.stride(0), h.stride(1),
-        H_SPLIT=h.shape[0], BLOCK_M=block_m, BLOCK_N=block_n,
+        SIDE_BY_SIDE=row_stride is not None, H_SPLIT=h.shape[0], BLOCK_M=block_m,
+        BLOCK_N=block_n,
         BLOCK_R=max(16, _next_pow2(r)), num_warps=4 if interpreted() else 8)
 
 
