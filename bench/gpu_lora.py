@@ -977,10 +977,16 @@ def graph_decode_bench(shape: str, decode_tokens: int, reps: int,
         if not whole:
             run(net, "mixed-32 (shrink-only groups)", (32,),
                 [names32[i % 32] for i in range(32)])
-    # the prompt (32 x 16 rows) through the Triton add layouts too (opt-in until measured)
-    os.environ["DELTATUNE_TRITON_PROMPT_ROWS"] = "512"
-    run(net, "mixed-32 (Triton add for prompts)", (32,), [names32[i % 32] for i in range(32)])
-    os.environ.pop("DELTATUNE_TRITON_PROMPT_ROWS")
+    # opt-in until measured: the prompt (32 x 16 rows) through the Triton add layouts too;
+    # sibling base weights stacked (a copy) for one GEMV per group; both
+    for what, env in (("Triton add for prompts", {"DELTATUNE_TRITON_PROMPT_ROWS": "512"}),
+                      ("stacked sibling weights", {"DELTATUNE_STACK_SIBLINGS": "1"}),
+                      ("stacked + Triton prompts", {"DELTATUNE_STACK_SIBLINGS": "1",
+                                                    "DELTATUNE_TRITON_PROMPT_ROWS": "512"})):
+        os.environ.update(env)
+        run(net, f"mixed-32 ({what})", (32,), [names32[i % 32] for i in range(32)])
+        for key in env:
+            os.environ.pop(key)
     dec = None
     try:
         # the same with a mixed batch: its graph reads the AdapterBank's side-by-side
@@ -1115,8 +1121,10 @@ def summary() -> None:
                 f"{div(q('unmerged', 1), q('merged', 1)):.3f} b32 "
                 f"{div(q('unmerged', 32), q('merged', 32)):.3f} (<=1.10)  b32 mixed-32 "
                 f"throughput vs unmerged {div(q('unmerged', 32), q('mixed-32', 32)):.3f} "
-                f"(>=0.85; Triton add for prompts "
-                f"{div(q('unmerged', 32), q('mixed-32 (Triton add for prompts)', 32)):.3f})"
+                f"(>=0.85; " + ", ".join(
+                    f"{what} {div(q('unmerged', 32), q(f'mixed-32 ({what})', 32)):.3f}"
+                    for what in ("Triton add for prompts", "stacked sibling weights",
+                                 "stacked + Triton prompts")) + ")"
                 f"  merged b1 graph/eager {div(q('merged', 1), eager_b1):.3f}")
             steps = {(r["name"], r["batch"]): r.get("step_ms", math.nan) for r in rows
                      if r["section"] == "graph_decode" and r["shape"] == shape
@@ -1130,6 +1138,8 @@ def summary() -> None:
                 f"throughput vs unmerged {div(st('unmerged', 32), st('mixed-32', 32)):.3f} "
                 f"(>=0.85), shrink-only groups "
                 f"{div(st('unmerged', 32), st('mixed-32 (shrink-only groups)', 32)):.3f}"
+                ", stacked sibling weights "
+                f"{div(st('unmerged', 32), st('mixed-32 (stacked sibling weights)', 32)):.3f}"
                 ", cuBLAS concat "
                 f"{div(st('unmerged', 32), st('mixed-32 (cuBLAS concat)', 32)):.3f}")
         if "deltatune" in fws:
