@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -136,8 +137,10 @@ def lora_gemm(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return y
 
 
-def launch(kernel, grid, descriptor, x2, weight, y, h, B, bias, scale, config, rank,
-           programs, lora: bool = True) -> None:
+def launch(kernel: Any, grid: tuple[int], descriptor: Any, x2: torch.Tensor,
+           weight: torch.Tensor, y: torch.Tensor, h: torch.Tensor, B: torch.Tensor,
+           bias: torch.Tensor | None, scale: float, config: tuple[int, ...], rank: int,
+           programs: int, lora: bool = True) -> None:
     """Launch the TMA GEMM on ``grid`` with tile ``config`` (BM, BN, BK, stages, warps):
     ``y = x2 W^T + b + s h B^T``, or without the rank-``rank`` term when ``lora`` is False
     (the bench's plain-GEMM reference). ``descriptor`` is triton's TensorDescriptor."""
