@@ -346,12 +346,7 @@ def test_mixed_prompt_rows_take_the_add_layouts_when_asked(dev, monkeypatch):
     for prompt_rows, used in (("0", False), ("64", True)):
         monkeypatch.setenv("DELTATUNE_TRITON_PROMPT_ROWS", prompt_rows)
         for _ in range(2):  # the second pass runs the groups the first one showed
-            with torch.no_grad():
-                with fast_path("off"):
-                    ref = dm(input_ids=ids, delta_names=names).logits
-                with fast_path("on"):
-                    got = dm(input_ids=ids, delta_names=names).logits
-            assert _rel(got, ref) < 1e-5
+            _assert_fast_path_matches_plain(dm, ids, names)
         assert (adds["n"] > 0) == used
 
 
@@ -370,16 +365,8 @@ def test_group_member_with_a_replaced_base_weight_computes_its_own_output(dev, m
     # several tokens per row: with one, attention ignores k entirely
     ids, names = token_batch(3, 4).to(dev), ["a", None, "b"]
 
-    def check():
-        with torch.no_grad():
-            with fast_path("off"):
-                ref = dm(input_ids=ids, delta_names=names).logits
-            with fast_path("on"):
-                got = dm(input_ids=ids, delta_names=names).logits
-        assert _rel(got, ref) < 1e-5
-
     for _ in range(2):
-        check()
+        _assert_fast_path_matches_plain(dm, ids, names)
     attn = dm.model.model.layers[0].self_attn
     k_proj, v_proj = attn.k_proj, attn.v_proj
     assert isinstance(k_proj, DeltaLayer) and k_proj.__dict__["_lora_bank"].shrink_group
@@ -390,7 +377,17 @@ def test_group_member_with_a_replaced_base_weight_computes_its_own_output(dev, m
     with torch.no_grad():
         v_proj.base.weight.mul_(1.7)  # in place: the leader reads the new values
     for _ in range(2):
-        check()
+        _assert_fast_path_matches_plain(dm, ids, names)
+
+
+def _assert_fast_path_matches_plain(dm, ids, names) -> None:
+    """Mixed-batch logits by the fast paths equal the plain path's (no autograd)."""
+    with torch.no_grad():
+        with fast_path("off"):
+            ref = dm(input_ids=ids, delta_names=names).logits
+        with fast_path("on"):
+            got = dm(input_ids=ids, delta_names=names).logits
+    assert _rel(got, ref) < 1e-5
 
 
 def _two_loras(model, dev) -> dt.DeltaModel:
@@ -432,12 +429,7 @@ def test_layers_reading_different_inputs_keep_their_own_shrinks(dev, monkeypatch
     dm = _two_loras(tiny_gpt2(), dev)
     ids, names = token_batch(2, 1).to(dev), ["a", "b"]
     for _ in range(2):
-        with torch.no_grad():
-            with fast_path("off"):
-                ref = dm(input_ids=ids, delta_names=names).logits
-            with fast_path("on"):
-                got = dm(input_ids=ids, delta_names=names).logits
-        assert _rel(got, ref) < 1e-5
+        _assert_fast_path_matches_plain(dm, ids, names)
     banks = multi_lora.banks_of(dm)
     assert banks and all(bank.shrink_group is None for bank in banks)
 
