@@ -199,6 +199,18 @@ def check() -> None:
             expect(f"lora_linear {tag} {n} vs float64", rel(a, r_), limit)
 
         if dtype == torch.bfloat16:
+            # gB = g B and dB = s g^T h from one pass over g (opt-in kernels/lora_grad)
+            from deltatune.kernels import lora_grad
+            gs, bs_, hs_ = (torch.randn(*s, generator=g).to(d, dtype)
+                            for s in ((8192, 4096), (4096, 16), (8192, 16)))
+            os.environ["DELTATUNE_FUSED_LORA_GRAD"] = "1"
+            try:
+                gb, db = lora_grad.lora_grads(gs, bs_, hs_, 2.0)
+            finally:
+                os.environ.pop("DELTATUNE_FUSED_LORA_GRAD")
+            expect("fused gB bf16 vs float64", rel(gb, gs.double() @ bs_.double()), limit)
+            expect("fused dB bf16 vs float64", rel(db, 2.0 * gs.double().t() @ hs_.double()),
+                   limit)
             # many rows, a wider output: the TMA GEMM with the expand in its epilogue
             from deltatune.kernels import tma_lora
             xs, ws, bs = (torch.randn(*s, generator=g).to(d, dtype)
@@ -572,6 +584,11 @@ def layer_bench(tokens: int, reps: int) -> None:
     with tma_off():
         rows["deltatune fast (cuBLAS, expand first)"] = timeit(
             step(lambda: lora_linear(x, lin.weight, None, A, B, 2.0)), reps)
+    # opt-in until measured: gB and dB from one pass over the output gradient
+    os.environ["DELTATUNE_FUSED_LORA_GRAD"] = "1"
+    rows["deltatune fast (fused gB/dB backward)"] = timeit(
+        step(lambda: lora_linear(x, lin.weight, None, A, B, 2.0)), reps)
+    os.environ.pop("DELTATUNE_FUSED_LORA_GRAD")
     rows["deltatune plain"] = timeit(
         step(lambda: lora_linear_reference(x, lin.weight, None, A, B, 2.0)), reps)
     for label, fp32 in (("peft default (fp32 adapters)", True), ("peft bf16 adapters", False)):

@@ -528,3 +528,35 @@ def test_tma_configuration_the_gpu_refuses_falls_back_to_cublas(dev, monkeypatch
         with torch.no_grad():
             assert _rel(lora_linear(x, W, None, A, B, 2.0), want) < 2e-3
     assert tries["n"] == 1
+
+
+@kernel_test
+@pytest.mark.parametrize("tokens,d_out,r", [(70, 100, 4), (33, 48, 16), (129, 40, 24)])
+def test_fused_lora_grads_match_float64(dev, monkeypatch, tokens, d_out, r):
+    """gB = g B and dB = s g^T h from one pass over g (row blocks, column slices summed by
+    atomics), alone and inside LoraLinearFunction's backward (dx, dA, dB)."""
+    from deltatune.kernels import lora_grad
+
+    monkeypatch.setenv("DELTATUNE_FUSED_LORA_GRAD", "1")
+    dtype = torch.float16 if INTERPRETED and not CUDA else torch.bfloat16
+    limit = 2e-3 if dtype == torch.float16 else 1e-2
+    gen = torch.Generator().manual_seed(4)
+    g = _rand(gen, tokens, d_out).to(dev, dtype)
+    B, h = _rand(gen, d_out, r, std=0.3).to(dev, dtype), _rand(gen, tokens, r).to(dev, dtype)
+    assert lora_grad.applies(g, B, h)
+    gb, db = lora_grad.lora_grads(g, B, h, 1.5)
+    assert _rel(gb, g.double() @ B.double()) < limit
+    assert _rel(db, 1.5 * g.double().t() @ h.double()) < limit
+    # through the Function: every gradient against float64
+    d_in = 24
+    x = _rand(gen, tokens, d_in).to(dev, dtype).requires_grad_(True)
+    W = _rand(gen, d_out, d_in, std=0.2).to(dev, dtype)
+    A = _rand(gen, r, d_in, std=0.3).to(dev, dtype).requires_grad_(True)
+    Bp = B.clone().requires_grad_(True)
+    gy = _rand(gen, tokens, d_out).to(dev, dtype)
+    got = torch.autograd.grad(lora_linear(x, W, None, A, Bp, 1.5), (x, A, Bp), gy)
+    ins = [t.detach().double().requires_grad_(True) for t in (x, A, Bp)]
+    want = torch.autograd.grad(lora_linear_reference(ins[0], W.double(), None, ins[1], ins[2],
+                                                     1.5), ins, gy.double())
+    for a, b in zip(got, want):
+        assert _rel(a, b) < limit

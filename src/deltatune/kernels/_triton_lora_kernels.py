@@ -273,3 +273,44 @@ def tma_lora_gemm_kernel(x_desc, w_desc, y_desc, h_desc, b_desc, bias_ptr, M, N,
             rn = off_n + tl.arange(0, BN)
             acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         y_desc.store([off_m, off_n], acc.to(y_desc.dtype))
+
+
+@triton.jit
+def lora_grad_kernel(g_ptr, b_ptr, h_ptr, gb_ptr, db_ptr, T, N, R, n_per, scale,
+                     s_gt, s_gn, s_bn, s_br, s_ht, s_hr,
+                     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                     ATOMIC_GB: tl.constexpr):
+    # The two rank-r products of a LoRA linear's backward that read the output gradient g
+    # (T x N), from one pass over it: gB = g B (T x r) and dB = s g^T h (N x r). Program
+    # (i, j) takes rows [i BLOCK_T, +BLOCK_T) and the j-th slice of the columns; its gB
+    # rows are complete over its slice (summed across slices by atomics when there are
+    # several, ATOMIC_GB), its dB rows are partial over its rows (summed by atomics).
+    # Both outputs are float32 and must start at zero.
+    rt = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    rr = tl.arange(0, BLOCK_R)
+    rn = tl.arange(0, BLOCK_N)
+    mask_t = rt < T
+    mask_r = rr < R
+    hs = tl.load(h_ptr + rt[:, None] * s_ht + rr[None, :] * s_hr,
+                 mask=mask_t[:, None] & mask_r[None, :], other=0.0)
+    hs = (hs.to(tl.float32) * scale).to(hs.dtype)
+    acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    n_lo = tl.program_id(1) * n_per
+    n_hi = tl.minimum(n_lo + n_per, N)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        cols = n0 + rn
+        mask_n = cols < n_hi
+        gt = tl.load(g_ptr + rt[:, None] * s_gt + cols[None, :] * s_gn,
+                     mask=mask_t[:, None] & mask_n[None, :], other=0.0)
+        bt = tl.load(b_ptr + cols[:, None] * s_bn + rr[None, :] * s_br,
+                     mask=mask_n[:, None] & mask_r[None, :], other=0.0)
+        acc = tl.dot(gt, bt, acc)
+        part = tl.dot(tl.trans(gt), hs)
+        tl.atomic_add(db_ptr + cols[:, None] * R + rr[None, :], part,
+                      mask=mask_n[:, None] & mask_r[None, :])
+    gb_ptrs = gb_ptr + rt[:, None] * R + rr[None, :]
+    out_mask = mask_t[:, None] & mask_r[None, :]
+    if ATOMIC_GB:
+        tl.atomic_add(gb_ptrs, acc, mask=out_mask)
+    else:
+        tl.store(gb_ptrs, acc, mask=out_mask)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from deltatune.kernels import tma_lora, triton_lora
+from deltatune.kernels import lora_grad, tma_lora, triton_lora
 from deltatune.kernels.shared_input_shrink import SHARED_INPUTS
 
 # see _fused_forward (taken above SMALL_M rows); False: base GEMM first, then addmm_ (the
@@ -99,9 +99,14 @@ class LoraLinearFunction(torch.autograd.Function):
         if g.dtype != x2.dtype:
             g = g.to(x2.dtype)
         grad_x = grad_w = grad_bias = grad_a = grad_bb = None
-        gB = g @ Bc if (need_x or need_a) else None  # (N, r), shared by dx and dA
-        if need_bb:
-            grad_bb = torch.mm(g.t(), h).mul_(s).to(ctx.adapter_dtypes[1])
+        if need_bb and (need_x or need_a) and lora_grad.applies(g, Bc, h):
+            # both products that read g, from one pass over it (opt-in, kernels/lora_grad)
+            gB, grad_bb = lora_grad.lora_grads(g, Bc, h, s)
+            grad_bb = grad_bb.to(ctx.adapter_dtypes[1])
+        else:
+            gB = g @ Bc if (need_x or need_a) else None  # (N, r), shared by dx and dA
+            if need_bb:
+                grad_bb = torch.mm(g.t(), h).mul_(s).to(ctx.adapter_dtypes[1])
         if need_a:
             grad_a = torch.mm(gB.t(), x2).mul_(s).to(ctx.adapter_dtypes[0])
         if need_x:

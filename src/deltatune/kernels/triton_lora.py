@@ -53,7 +53,8 @@ def _triton():
         return None
     return triton, k, {"lora_mm": k.lora_mm_kernel, "bgmv_shrink": k.bgmv_shrink_kernel,
                        "bgmv_add_group": k.bgmv_add_group_kernel,
-                       "tma_lora_gemm": k.tma_lora_gemm_kernel}
+                       "tma_lora_gemm": k.tma_lora_gemm_kernel,
+                       "lora_grad": k.lora_grad_kernel}
 
 
 def _patch_interpreter() -> None:
