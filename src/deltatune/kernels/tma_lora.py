@@ -77,7 +77,8 @@ def applies(x2: torch.Tensor, weight: torch.Tensor, rank: int) -> bool:
     if triton_lora.interpreted():
         if mode != "always" or x2.device.type != "cpu":
             return False
-    elif not x2.is_cuda or torch.cuda.get_device_capability(x2.device)[0] < 9:
+    elif (not x2.is_cuda or torch.version.hip is not None  # TMA: NVIDIA Hopper and later
+          or torch.cuda.get_device_capability(x2.device)[0] < 9):
         return False
     if (x2.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != x2.dtype
             or not (_aligned(x2) and _aligned(weight))):
