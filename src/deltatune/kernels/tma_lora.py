@@ -61,8 +61,10 @@ def _warn_once(message: str) -> None:
 
 
 def _aligned(t: torch.Tensor) -> bool:
-    # TMA descriptors: unit stride along the row, 16-byte aligned rows and base address
-    return (t.dim() == 2 and t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
+    # TMA descriptors: unit stride along the row, 16-byte aligned rows and base address;
+    # plain tensors only (a DTensor or other subclass keeps the torch path)
+    return (type(t) in (torch.Tensor, torch.nn.Parameter) and t.dim() == 2
+            and t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
             and t.data_ptr() % 16 == 0)
 
 
