@@ -469,6 +469,8 @@ def test_kernels_replay_inside_a_cuda_graph(dev):
 
 
 @kernel_test
+@pytest.mark.skipif(CUDA and torch.cuda.get_device_capability()[0] < 9,
+                    reason="TMA descriptors need compute capability 9")
 @pytest.mark.parametrize("rows,d_in,d_out,r,bias", [(70, 64, 96, 16, False),
                                                      (33, 48, 80, 4, True),
                                                      (129, 96, 40, 24, True)])
@@ -477,8 +479,6 @@ def test_tma_lora_gemm_matches_float64(dev, monkeypatch, rows, d_in, d_out, r, b
     edges, ranks padded to 16, through lora_linear's fast path (forward and backward)."""
     from deltatune.kernels import tma_lora
 
-    if CUDA and torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("TMA descriptors need compute capability 9")
     monkeypatch.setenv("DELTATUNE_TMA_LORA", "always")
     dtype = torch.float16
     g = torch.Generator().manual_seed(3)
@@ -503,6 +503,8 @@ def test_tma_lora_gemm_matches_float64(dev, monkeypatch, rows, d_in, d_out, r, b
 
 
 @kernel_test
+@pytest.mark.skipif(CUDA and torch.cuda.get_device_capability()[0] < 9,
+                    reason="TMA descriptors need compute capability 9")
 def test_tma_configuration_the_gpu_refuses_falls_back_to_cublas(dev, monkeypatch):
     """Out of shared memory for a tile configuration: the cuBLAS path answers, and the
     configuration is not tried again."""
