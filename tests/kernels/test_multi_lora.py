@@ -167,10 +167,11 @@ def test_refresh_rewrites_the_cached_layouts_in_place(length):
     assert [[t.data_ptr() for t in _layout_tensors(b)] for b in banks] == before
     # each rewritten layout equals one built afresh from the new adapters
     bank = banks[0]
-    n = len(bank._tensors) // 2
-    for kind, layout in bank._layouts.items():
-        fresh = bank._build(kind, bank._tensors[:n], bank._tensors[n:], list(bank._key[4]),
-                            bank._key[2])
+    current = bank._current
+    n = len(current.tensors) // 2
+    for kind, layout in current.layouts.items():
+        fresh = bank._build(kind, current.tensors[:n], current.tensors[n:],
+                            list(current.key[4]), current.key[2])
         for old, new in zip(layout, fresh):
             if isinstance(old, torch.Tensor):
                 assert torch.equal(old, new)
@@ -204,7 +205,7 @@ def test_layouts_a_graph_captured_survive_batches_of_other_mixes(monkeypatch):
     # CPU the capture is simulated: the bank is told a capture is under way.
     import gc
 
-    from deltatune.kernels import multi_lora
+    from deltatune.kernels import multi_lora, triton_lora
 
     As, Bs, scales = _adapters()
     bank = AdapterBank()
@@ -215,10 +216,10 @@ def test_layouts_a_graph_captured_survive_batches_of_other_mixes(monkeypatch):
         pass
 
     owner = Owner()
-    monkeypatch.setattr(multi_lora, "_capturing", lambda: True)
+    monkeypatch.setattr(triton_lora, "capturing", lambda: True)
     with multi_lora.graph_owner(owner):
         bank.apply(["a", "b", "c"], As, Bs, scales, [0, 1, 2], x, y.clone())
-    monkeypatch.setattr(multi_lora, "_capturing", lambda: False)
+    monkeypatch.setattr(triton_lora, "capturing", lambda: False)
     captured = bank._current
     held = [id(t) for t in _layout_tensors(bank)]
     assert captured.pinned and held

@@ -68,7 +68,7 @@ def lora_grads(g: torch.Tensor, B: torch.Tensor, h: torch.Tensor,
     kernels["lora_grad"][(t_blocks, split)](
         g, B, h, gb, db, T, N, r, n_per, float(scale),
         g.stride(0), g.stride(1), B.stride(0), B.stride(1), h.stride(0), h.stride(1),
-        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_R=max(16, 1 << max(r - 1, 0).bit_length()),
+        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_R=max(16, triton_lora._next_pow2(r)),
         ATOMIC_GB=split > 1, num_warps=4 if interpreted else 8)
     return gb.to(g.dtype), db
 

@@ -137,10 +137,6 @@ def _value(v):
     return v() if callable(v) else v
 
 
-def _capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
 _OWNER: ContextVar[object | None] = ContextVar("deltatune_graph_owner", default=None)
 
 
@@ -250,14 +246,6 @@ class AdapterBank:
         return self._current.rows if self._current is not None else {}
 
     @property
-    def _tensors(self) -> list[torch.Tensor]:
-        return self._current.tensors if self._current is not None else []
-
-    @property
-    def _key(self) -> tuple | None:
-        return self._current.key if self._current is not None else None
-
-    @property
     def shrink_group(self) -> ShrinkGroup | None:
         """The shrink group of the current adapter set, if any."""
         return self._current.shrink_group if self._current is not None else None
@@ -359,7 +347,7 @@ class AdapterBank:
             n = len(layout_set.tensors) // 2
             As, Bs = layout_set.tensors[:n], layout_set.tensors[n:]
         self._current = layout_set
-        if _capturing():
+        if triton_lora.capturing():
             layout_set.pin()
         return As, Bs, True
 
@@ -383,8 +371,7 @@ class AdapterBank:
         Taken for few tokens (at most :data:`DECODE_TOKENS` per row and
         :data:`~deltatune.kernels.triton_lora.SMALL_M` in all, or
         :func:`~deltatune.kernels.triton_lora.prompt_rows` for the add layouts) outside
-        autograd on a
-        device Triton runs on; None tells the caller to run the base layer and
+        autograd on a device Triton runs on; None tells the caller to run the base layer and
         :meth:`apply`. Arguments as for :meth:`apply`, with the base layer's (d_out, d_in)
         ``weight`` and ``bias`` instead of its output.
         """
@@ -421,7 +408,7 @@ class AdapterBank:
             # reading the same input share one shrink launch
             # (the rows' entries: same names and rows give the same index tensor values)
             SIBLINGS.observe(self, x, (tuple(names), rows, tokens, kind), (weight, bias))
-            if _capturing():
+            if triton_lora.capturing():
                 current.captured.add(kind)
             whole = sibling_output(self, x, x2, index, weight, bias)
             if whole is not None:

@@ -43,10 +43,6 @@ def input_version(t: torch.Tensor) -> int:
     return -2 if t.is_inference() else t._version
 
 
-def _capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
 class ShrinkGroup:
     """Banks whose A stacks (layout ``kind``) are slices of one tensor, ``joined``.
 
@@ -81,7 +77,7 @@ class ShrinkGroup:
         None where they cannot share (not all laid out, other shapes, already grouped, or
         inside a graph capture, whose memory pool must not get this tensor). ``bases``:
         each bank's base (weight, bias) as last called, for the whole-output path."""
-        if _capturing() or any(b.shrink_group is not None for b in banks):
+        if triton_lora.capturing() or any(b.shrink_group is not None for b in banks):
             return None
         stacks = [b.a_stack(kind) for b in banks]
         if any(a is None for a in stacks) or len(

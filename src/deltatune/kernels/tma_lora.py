@@ -21,9 +21,7 @@ wherever the layout allows (tests; on the CPU through Triton's interpreter).
 
 from __future__ import annotations
 
-import functools
 import os
-import warnings
 from typing import Any
 
 import torch
@@ -50,14 +48,10 @@ def _mode() -> str:
     value = os.environ.get("DELTATUNE_TMA_LORA", "auto").strip().lower()
     mode = _MODES.get(value)
     if mode is None:
-        _warn_once(f"DELTATUNE_TMA_LORA={value!r} is not one of auto, 0, always: using auto")
+        triton_lora.warn_once(f"DELTATUNE_TMA_LORA={value!r} is not one of auto, 0, always: "
+                              f"using auto")
         mode = "auto"
     return mode
-
-
-@functools.lru_cache(maxsize=8)
-def _warn_once(message: str) -> None:
-    warnings.warn(message, stacklevel=3)
 
 
 def _aligned(t: torch.Tensor) -> bool:

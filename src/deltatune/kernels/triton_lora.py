@@ -136,14 +136,21 @@ def prompt_rows() -> int:
     try:
         return max(0, int(value))
     except ValueError:
-        _warn_once(f"DELTATUNE_TRITON_PROMPT_ROWS={value!r} is not a number of rows: "
+        warn_once(f"DELTATUNE_TRITON_PROMPT_ROWS={value!r} is not a number of rows: "
                    f"using 0 (off)")
         return 0
 
 
 @functools.lru_cache(maxsize=8)
-def _warn_once(message: str) -> None:
+def warn_once(message: str) -> None:
+    """Warn with ``message`` the first time only (a bad environment variable, read per call)."""
     warnings.warn(message, stacklevel=3)
+
+
+def capturing() -> bool:
+    """True while the current CUDA stream is capturing a graph (memory taken now belongs
+    to that graph's pool; nothing may be read back to the host)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def available(x: torch.Tensor | None = None) -> bool:
@@ -253,7 +260,7 @@ def _counters(device: torch.device) -> torch.Tensor | None:
     """
     cnt = _COUNTERS.get(device)
     if cnt is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        if device.type == "cuda" and capturing():
             return None
         cnt = _COUNTERS[device] = torch.zeros(_COUNTER_SLOTS, dtype=torch.int32,
                                               device=device)
@@ -269,7 +276,7 @@ def _index_dummy(device: torch.device) -> torch.Tensor:
     t = _DUMMIES.get(device)
     if t is None:
         t = torch.zeros(1, dtype=torch.int32, device=device)
-        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        if not (device.type == "cuda" and capturing()):
             _DUMMIES[device] = t
     return t
 
@@ -514,8 +521,8 @@ def bgmv_add_group(y: torch.Tensor, b_joined: torch.Tensor, h: torch.Tensor,
 
 
 __all__ = ["BGMV_ADD_MAX_K", "MAX_RANK", "SMALL_M", "available", "bgmv_layout", "bgmv_matmul",
-           "bgmv_add_group", "bgmv_shrink", "prompt_rows",
+           "bgmv_add_group", "bgmv_shrink", "capturing", "prompt_rows",
            "concat_layout", "group_block_n", "group_tiles", "expand_layout",
            "for_graphs", "interpreted", "pays",
            "lora_matmul",
-           "set_config_override", "supports"]
+           "set_config_override", "supports", "warn_once"]
