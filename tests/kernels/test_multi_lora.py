@@ -236,10 +236,13 @@ def test_layouts_a_graph_captured_survive_batches_of_other_mixes(monkeypatch):
     assert [id(t) for layout in captured.layouts.values() for t in layout
             if isinstance(t, torch.Tensor)] == held
     # an in-place change reaches the captured set too (the decoder refreshes before replay)
+    # when its owner refreshes; another decoder's refresh leaves it to its owner
     with torch.no_grad():
         As[1].mul_(2.0)
-    assert bank.refresh()
     fresh = AdapterBank._build("concat", As, Bs, scales, torch.float64)
+    assert not bank.refresh(owner=Owner())
+    assert not torch.equal(captured.layouts["concat"][0], fresh[0])
+    assert bank.refresh(owner=owner)
     assert torch.equal(captured.layouts["concat"][0], fresh[0])
     # clear() forgets every set; the one a live graph reads stays allocated
     bank.clear()

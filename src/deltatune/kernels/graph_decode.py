@@ -346,7 +346,7 @@ class GraphDecoder:
             banks = multi_lora.banks_of(self.model)
             if self.graph is not None:
                 self._banks = banks
-        multi_lora.refresh_layouts(banks)
+        multi_lora.refresh_layouts(banks, owner=self)
         if self.pool is not None:  # graphs read the rows' index tensors: rewrite them
             for bank in banks:
                 bank.reroute(self.kwargs["delta_names"])
