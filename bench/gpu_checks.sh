@@ -4,7 +4,7 @@
 # limit; a run cut off there loses its JSON):
 #
 #   bash bench/gpu_checks.sh 1   # CUDA tests, then correctness rows and decode (1B shape)
-#   bash bench/gpu_checks.sh 2   # one layer, prefill, and the TMA probe at rank 32
+#   bash bench/gpu_checks.sh 2   # one layer, prefill, and the layer's kernel profile
 #
 # Logs and JSON land in $OUT (the device tool brings that folder back) and bench/results/.
 set -u
@@ -22,8 +22,8 @@ elif [ "$part" = 2 ]; then
     python bench/gpu_lora.py --layer --infer --frameworks deltatune --shapes 1b --reps 5 \
         > "$out/gpu_lora-layer.log" 2>&1
     grep -E "FAIL|layer |prefill unmerged" "$out/gpu_lora-layer.log" | tail -10
-    # the TMA GEMM's tiles for ranks above 16 (untimed so far; off by default until they are)
-    TMA_PROBE_RANK=32 python bench/tma_probe.py 2>&1 | tail -9
+    # where the layer's and the prompt's time goes (kernel tables, host time, timeline)
+    python bench/profile_gaps.py layer 2>&1 | grep -E "layer |profile layer|host" | tail -12
 else
     echo "usage: bash bench/gpu_checks.sh 1|2" >&2
     exit 2

@@ -68,7 +68,7 @@ class ShrinkGroup:
         self.widths: list[int] = []
         self.tiles: dict[int, torch.Tensor] = {}  # block_n -> tile table
         self._stack: tuple | None = None  # (weights, biases) stacked: DELTATUNE_STACK_SIBLINGS
-        self._stack_state: list[int] | None = None  # the members' pointers into it
+        self._stack_state: tuple | None = None
 
     @classmethod
     def form(cls, banks: list[AdapterBank], kind: tuple,
@@ -169,7 +169,7 @@ class ShrinkGroup:
         h = triton_lora.bgmv_shrink(x2, self.joined, index, self.widths[0])
         stacked = self._stacked_weights()
         if stacked is not None:
-            # one GEMV over the members' weights stacked (their storage): outputs side by
+            # one GEMV over the members' weights stacked (a copy, opt-in): outputs side by
             # side in one (M, sum N) tensor, each member's a strided view of it
             w, b = stacked
             y = torch.mm(x2, w.t()) if b is None else torch.addmm(b, x2, w.t())
@@ -196,75 +196,50 @@ class ShrinkGroup:
         return outs[0]
 
     def _stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """The members' base weights (and biases) stacked along the outputs, or None where
-        the option is off or they cannot stack.
-
-        The stack is the weights' storage, not a copy: on first use each member's weight
-        (and bias) becomes a view of its rows (``param.data``), and the old storage is
-        freed, so stacking costs no memory. In-place changes (a merge, ``copy_``) land in
-        the stack by themselves; a weight given other storage later is copied back into
-        the same stack (a captured CUDA graph may read it) and viewed again.
-        """
+        """The members' base weights (and biases) stacked along the outputs, a copy kept
+        equal to them (rewritten in place when one changed in place), or None where the
+        option is off or they cannot stack."""
         if not stack_siblings():
             return None
         weights = [w for w, _ in self.bases]
         biases = [b for _, b in self.bases]
-        tensors = [t for t in (*weights, *biases) if t is not None]
-        pointers = [t.data_ptr() for t in tensors]
-        if self._stack is not None and pointers == self._stack_state:
-            return self._stack
-        # a new stack allocates, and rewriting one would be recorded into the graph
-        if triton_lora.capturing() or not _stackable(weights, biases):
+        if (len({(w.dtype, w.device, w.shape[1]) for w in weights}) != 1
+                or len({b is None for b in biases}) != 1):
             return None
-        with torch.no_grad():
-            if self._stack is None:
-                self._stack = (torch.cat([w.detach() for w in weights], 0),
-                               None if biases[0] is None else
-                               torch.cat([b.detach() for b in biases]))
-            elif tuple(self._stack[0].shape) != (sum(w.shape[0] for w in weights),
-                                                 weights[0].shape[1]):
-                return None  # a member changed shape: no longer one stack
-            else:
-                self._stack[0].copy_(torch.cat([w.detach() for w in weights], 0))
+        tensors = [t for t in (*weights, *biases) if t is not None]
+        state = ([input_version(t) for t in tensors], [t.data_ptr() for t in tensors])
+        if triton_lora.capturing() and state != self._stack_state:
+            return None  # a graph must neither allocate the stack nor rewrite it per replay
+        if self._stack is None:
+            with torch.no_grad():
+                w = torch.cat([t.detach() for t in weights], 0)
+                b = None if biases[0] is None else torch.cat([t.detach() for t in biases])
+            self._stack, self._stack_state = (w, b), state
+        elif state != self._stack_state:
+            with torch.no_grad():
+                self._stack[0].copy_(torch.cat([t.detach() for t in weights], 0))
                 if self._stack[1] is not None:
-                    self._stack[1].copy_(torch.cat([b.detach() for b in biases]))
-            for stacked, members in zip(self._stack, (weights, biases)):
-                first = 0
-                for t in members if stacked is not None else ():
-                    t.data = stacked[first:first + t.shape[0]]
-                    first += t.shape[0]
-        self._stack_state = [t.data_ptr() for t in tensors]
+                    self._stack[1].copy_(torch.cat([t.detach() for t in biases]))
+            self._stack_state = state
         return self._stack
 
 
-def _stackable(weights: list[torch.Tensor], biases: list[torch.Tensor | None]) -> bool:
-    """Whether these base weights and biases can become views of one stack: frozen,
-    plain, dense tensors of one dtype, device and input width, all with or all without a
-    bias."""
-    if (len({(w.dtype, w.device, w.shape[1]) for w in weights}) != 1
-            or len({b is None for b in biases}) != 1):
-        return False
-    return all(type(t) in (torch.Tensor, torch.nn.Parameter) and not t.requires_grad
-               and t.is_contiguous() for t in (*weights, *biases) if t is not None)
-
-
-_STACK_VALUES = {"1": True, "on": True, "true": True, "0": False, "off": False,
-                 "false": False}
-
-
 def stack_siblings() -> bool:
-    """Whether whole groups stack their members' base weights into one tensor and run one
-    GEMV instead of one per member: ``DELTATUNE_STACK_SIBLINGS``, on unless ``0``.
+    """``DELTATUNE_STACK_SIBLINGS=1`` (off by default): whole groups keep a copy of their
+    members' base weights stacked and run one GEMV instead of one per member.
 
-    On an H200 a 1B decode step at 32 rows of 32 adapters took 3.526 ms stacked against
-    3.663 ms (0.923x against 0.888x one adapter's throughput; run 20261201-202720). The
-    members' weights become views of the stack, so it costs no memory.
+    On an H200 a 1B decode step at 32 rows of 32 adapters took 3.526 ms with it against
+    3.663 ms (0.923x against 0.888x one adapter's throughput; run 20261201-202720), at
+    the memory of q/k/v's and gate/up's weights once more (about 60% of a Llama layer's).
+    Not a default: making the members' weights views of the stack instead (no copy) frees
+    their old storage, which CUDA graphs captured before (the prompt's graph, another
+    decoder's) still read: an illegal memory access on the GPU (run 20261201-204626).
     """
-    value = os.environ.get("DELTATUNE_STACK_SIBLINGS", "1").strip().lower()
-    if value not in _STACK_VALUES:
-        triton_lora.warn_once(f"DELTATUNE_STACK_SIBLINGS={value!r} is not 0 or 1: using 1")
-        return True
-    return _STACK_VALUES[value]
+    value = os.environ.get("DELTATUNE_STACK_SIBLINGS", "0").strip().lower()
+    if value not in ("0", "1"):
+        triton_lora.warn_once(f"DELTATUNE_STACK_SIBLINGS={value!r} is not 0 or 1: using 0")
+        return False
+    return value == "1"
 
 
 def shared_shrink(bank: AdapterBank, x: torch.Tensor, x2: torch.Tensor,
