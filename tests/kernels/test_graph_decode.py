@@ -207,6 +207,28 @@ def test_mixed_batch_layouts_keep_their_tensors_across_a_switch():
             if isinstance(t, torch.Tensor)] == held
 
 
+def test_prompt_runs_again_when_the_adapters_changed_behind_it(monkeypatch):
+    # generate() launches the prompt before checking the adapters (the check overlaps it);
+    # a change found then means the prompt read stale layouts: it runs again, from an
+    # empty cache, and decoding equals a fresh decoder's
+    from deltatune.kernels import multi_lora
+
+    dm = _model()
+    dm.add("b", dt.LoraConfig(r=4, target_modules="all-linear"))
+    _randomize(dm, 3)
+    kw = {"delta_names": ["default", "b", None]}
+    ids = torch.randint(3, 128, (3, 5), generator=torch.Generator().manual_seed(4))
+    want = GraphDecoder(dm, 3, 16, forward_kwargs=kw).generate(ids, 6)
+    gd = GraphDecoder(dm, 3, 16, forward_kwargs=kw)
+    calls, changed = [], [0]
+    prefill = gd._prefill
+    monkeypatch.setattr(gd, "_prefill", lambda prompt: calls.append(1) or prefill(prompt))
+    monkeypatch.setattr(multi_lora, "refresh_layouts", lambda banks, owner=None: changed[0])
+    assert torch.equal(gd.generate(ids, 6), want) and len(calls) == 1
+    changed[0] = 3
+    assert torch.equal(gd.generate(ids, 6), want) and len(calls) == 3
+
+
 def _three_adapters() -> dt.DeltaModel:
     """The tiny Llama with "default", "b" (all linears) and "c" (q and v only)."""
     dm = _model()
