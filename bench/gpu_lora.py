@@ -10,6 +10,11 @@ Sections (each optional):
            step time, tokens/s, MFU (4N + attention per token), peak memory, with and
            without gradient checkpointing; peft default (fp32 adapters), peft with bf16
            adapters, deltatune plain path, deltatune fast path (+ fused CE), full FT;
+           "peft bf16 + Liger" (in --variants) adds Liger's kernels (RMSNorm, RoPE,
+           SwiGLU, fused linear + cross-entropy) to peft with bf16 adapters when the
+           liger-kernel wheel is carried: here `pip download --no-deps -d bench/wheels
+           liger-kernel==0.8.5`, then on the GPU machine (carry bench/wheels)
+           `pip install --no-deps bench/wheels/*.whl` before this script;
   --kernels  decode-sized LoRA linears in CUDA graphs: cuBLAS merged vs cuBLAS LoRA vs the
            Triton kernels (single adapter and 32-adapter BGMV); --sweep tries tile configs;
   --large-m N  the same at N rows (prefill/training shape 4096 -> 14336);
@@ -647,6 +652,29 @@ def count_flops(shape: str, n_params: int, seq: int) -> float:
     return 4 * n_params + attn
 
 
+@contextlib.contextmanager
+def liger_kernels(model):
+    """Within: ``model`` (an HF Llama) runs Liger's RMSNorm, RoPE, SwiGLU and fused linear
+    + cross-entropy. Liger also patches transformers' Llama module globally; that is undone
+    on exit, so the variants built after this one are plain HF again."""
+    try:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+    except ImportError as e:
+        raise RuntimeError("liger-kernel is not installed: carry its wheel (bench/wheels, "
+                           "see this script's docstring)") from e
+    from transformers.models.llama import modeling_llama
+
+    names = ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP")
+    saved = {name: getattr(modeling_llama, name) for name in names}
+    try:
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True,
+                                    fused_linear_cross_entropy=True, model=model)
+        yield model
+    finally:
+        for name, value in saved.items():
+            setattr(modeling_llama, name, value)
+
+
 def train_bench(shape: str, batch: int, seq: int, steps: int, variants: list[str],
                 checkpointing: bool) -> None:
     d = dev()
@@ -657,6 +685,17 @@ def train_bench(shape: str, batch: int, seq: int, steps: int, variants: list[str
         peak_reset()
         model = build(shape)
         n_params = sum(p.numel() for p in model.parameters())
+        patches = contextlib.ExitStack()
+        if variant.endswith("+ Liger"):
+            try:
+                patches.enter_context(liger_kernels(model))
+            except Exception as e:  # not carried, or this transformers is not supported
+                RESULTS["rows"].append(dict(
+                    section="train", shape=shape, name=variant, checkpointing=checkpointing,
+                    batch=batch, seq=seq, seconds=math.nan, tokens_per_s=math.nan,
+                    mfu=math.nan, peak_gib=math.nan, dtype_adapters="-", error=str(e)))
+                log(f"  train {shape} {variant}: {e}")
+                continue
         if variant == "full FT":
             net, params = model, list(model.parameters())
         elif variant.startswith("peft"):
@@ -720,6 +759,7 @@ def train_bench(shape: str, batch: int, seq: int, steps: int, variants: list[str
         log(f"  train {shape} ckpt={checkpointing!s:<5} {variant:<32} {sec:7.3f} s/step "
             f"{tok / sec:9.0f} tok/s  MFU {mfu * 100:5.1f}%  peak {peak:6.1f} GiB  "
             f"adapters {row['dtype_adapters']}{'  ' + err if err else ''}")
+        patches.close()
         del net, model, opt, params, step
         peak_reset()
 
@@ -1115,13 +1155,16 @@ def summary() -> None:
             fast = get(section="train", shape=shape, name="deltatune fast", checkpointing=ck)
             pdef = get(section="train", shape=shape, name="peft default", checkpointing=ck)
             pbf = get(section="train", shape=shape, name="peft bf16", checkpointing=ck)
+            liger = get(section="train", shape=shape, name="peft bf16 + Liger",
+                        checkpointing=ck)
             mem = {r["name"]: r["peak_gib"] for r in rows if r["section"] == "train"
                    and r["shape"] == shape and r["checkpointing"] == ck}
             log(f"train {shape} ckpt={ck}: fast/peft-default {div(fast, pdef):.3f} (target <= 0.55)"
                 f"  fast/peft-bf16 {div(fast, pbf):.3f} (target <= 0.8)  peak fast/peft-default "
                 f"{div(mem.get('deltatune fast', math.nan), mem.get('peft default', math.nan)):.3f}"
                 f" (target <= 0.6)  peak fast/full-FT "
-                f"{div(mem.get('deltatune fast', math.nan), mem.get('full FT', math.nan)):.3f}")
+                f"{div(mem.get('deltatune fast', math.nan), mem.get('full FT', math.nan)):.3f}"
+                f"  fast/peft-bf16+Liger {div(fast, liger):.3f}")
     fws = sorted({r["framework"] for r in rows if r["section"] == "infer"})
     for shape in sorted({r["shape"] for r in rows if r["section"] in ("infer", "graph_decode")}):
         for fw in fws:
