@@ -192,7 +192,7 @@ def test_prefill_linears_reading_one_input_share_one_shrink_gemm(monkeypatch):
     (16384, 8192, 2048, 16, False),    # narrowing (down): 1.02-1.04x
     (16384, 2048, 512, 16, False),     # k/v: 1.25-1.32x
     (2048, 2048, 8192, 16, False),     # too few rows (not measured)
-    (16384, 2048, 8192, 32, False),    # wider-rank tiles, not yet timed
+    (16384, 2048, 8192, 32, False),    # wider-rank tiles: 1.21x (seventh session)
 ])
 def test_tma_gemm_is_taken_by_default_only_where_it_measured_faster(rows, d_in, d_out, rank,
                                                                     taken):
@@ -212,3 +212,10 @@ def test_unknown_kernel_switch_values_warn_and_keep_the_default(monkeypatch):
         assert triton_lora.prompt_rows() == 0
     monkeypatch.setenv("DELTATUNE_TMA_LORA", "OFF")
     assert tma_lora._mode() == "off"
+    from deltatune.kernels import shared_shrink
+
+    monkeypatch.setenv("DELTATUNE_STACK_SIBLINGS", "yes")
+    with pytest.warns(UserWarning, match="DELTATUNE_STACK_SIBLINGS='yes' is not 0 or 1"):
+        assert shared_shrink.stack_siblings() is False
+    monkeypatch.setenv("DELTATUNE_STACK_SIBLINGS", " 1 ")
+    assert shared_shrink.stack_siblings() is True

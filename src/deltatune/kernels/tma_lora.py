@@ -13,8 +13,9 @@ slower where the output is narrower than the input (1.02-1.04x at 8192 -> 2048,
 1.25-1.32x at 2048 -> 512); at 4096 rows 0.932x (4096 -> 14336), 0.993x (2048 -> 8192)
 and 1.14x (2048 -> 2048). So by default (``auto``) it is taken for at least
 :data:`MIN_ROWS` rows and outputs at least :data:`MIN_WIDEN` times the input's width (an
-MLP's up and gate projections) and ranks up to 16 (larger ones take other tiles, not yet
-timed), in bf16/fp16 on a GPU of compute capability 9 or more,
+MLP's up and gate projections) and ranks up to 16 (larger ones need narrower tiles, which
+measured 1.10x / 1.21x cuBLAS + the expand at rank 32, run ``tma_probe-20261201-202838``),
+in bf16/fp16 on a GPU of compute capability 9 or more,
 outside ``torch.compile``. ``DELTATUNE_TMA_LORA=0`` turns it off, ``always`` takes it
 wherever the layout allows (tests; on the CPU through Triton's interpreter).
 """
@@ -85,7 +86,7 @@ def applies(x2: torch.Tensor, weight: torch.Tensor, rank: int) -> bool:
 def pays(rows: int, d_in: int, d_out: int, rank: int) -> bool:
     """Where the TMA GEMM measured faster than cuBLAS + the expand pass (module docstring):
     many rows, outputs at least :data:`MIN_WIDEN` times the input's width, rank up to 16
-    (larger ranks take WIDE_RANK_CONFIG, not yet timed)."""
+    (larger ranks take WIDE_RANK_CONFIG, measured slower than cuBLAS at rank 32)."""
     return rows >= MIN_ROWS and d_out >= MIN_WIDEN * d_in and rank <= 16
 
 
