@@ -5,6 +5,7 @@
 #
 #   bash bench/gpu_checks.sh 1   # CUDA tests, then correctness rows and decode (1B shape)
 #   bash bench/gpu_checks.sh 2   # one layer, prefill, and the layer's kernel profile
+#   bash bench/gpu_checks.sh 3   # training against PEFT + Liger (carry bench/wheels)
 #
 # Logs and JSON land in $OUT (the device tool brings that folder back) and bench/results/.
 set -u
@@ -24,7 +25,15 @@ elif [ "$part" = 2 ]; then
     grep -E "FAIL|layer |prefill unmerged" "$out/gpu_lora-layer.log" | tail -10
     # where the layer's and the prompt's time goes (kernel tables, host time, timeline)
     python bench/profile_gaps.py layer 2>&1 | grep -E "layer |profile layer|host" | tail -12
+elif [ "$part" = 3 ]; then
+    # training against PEFT + Liger: needs the wheel carried in bench/wheels (made here by
+    # `pip download --no-deps -d bench/wheels liger-kernel==0.8.5`)
+    pip install --no-deps -q bench/wheels/liger_kernel-*.whl || exit 1
+    python bench/gpu_lora.py --train --shapes 1b --ckpt 0 --steps 5 --frameworks deltatune \
+        --variants "peft bf16,peft bf16 + Liger,deltatune fast,deltatune fast compiled" \
+        > "$out/gpu_lora-liger.log" 2>&1
+    grep -E "train 1b" "$out/gpu_lora-liger.log" | tail -6
 else
-    echo "usage: bash bench/gpu_checks.sh 1|2" >&2
+    echo "usage: bash bench/gpu_checks.sh 1|2|3" >&2
     exit 2
 fi
