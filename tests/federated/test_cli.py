@@ -70,3 +70,28 @@ def test_federate_cli_process_mode_matches_in_process(tmp_path, capsys):
     # every process left its log beside the results
     logs = sorted(p.name for p in (tmp_path / "procs" / "processes" / "pfedpara").glob("*.log"))
     assert logs == ["client-0.log", "client-1.log", "server.log"]
+
+
+def test_federate_cli_deployment_mode_runs_the_deployment_launcher(tmp_path, monkeypatch):
+    # the launcher itself is checked against the in-process loop in test_deployment.py;
+    # here: the CLI hands it the settings and keeps its folder under OUT/deployment/
+    from deltatune.federated import deployment
+    from deltatune.federated.recorder import FederationResult
+
+    seen = {}
+
+    def fake(method, task, **kw):
+        seen.update(method=method, task=task, **kw)
+        record = RoundRecord(1, 0.5, 0.5, [0.5, 0.5], 10, 20, 30)
+        kw["on_round"]([record])
+        return FederationResult({}, [record], [])
+
+    monkeypatch.setattr(deployment, "federate_deployment", fake)
+    assert main(["federate", "--task", "toy", "--methods", "lora", "--clients", "2",
+                 "--rounds", "1", "--examples", "24", "--no-progress", "--mode", "deployment",
+                 "--out", str(tmp_path)]) == 0
+    assert seen["method"] == "lora" and seen["task"] == "toy" and seen["clients"] == 2
+    assert seen["examples"] == 24 and seen["out"] == tmp_path / "deployment" / "lora"
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [RoundRecord(**r) for r in saved["methods"]["lora"]] == [
+        RoundRecord(1, 0.5, 0.5, [0.5, 0.5], 10, 20, 30)]

@@ -13,7 +13,7 @@ from deltatune.core.errors import ConfigError
 # model (full fine-tuning 1e-4; LoRA and LoHa 1e-3). The toy task keeps one rate for all.
 REAL_LR = {"full": 1e-4, "lora": 1e-3, "fedpara": 1e-3, "pfedpara": 1e-3}
 TOY_LR = 3e-3
-MODES = ("in-process", "process", "simulation")
+MODES = ("in-process", "process", "simulation", "deployment")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,8 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "federate", help="FedAvg of full FT, LoRA, FedPara, pFedPara with Flower; bytes counted",
         description="Split a data set among N clients (IID or Dirichlet non-IID), run R rounds "
                     "of E local epochs + FedAvg of the travelling tensors through Flower's "
-                    "client and strategy objects (in one process, as gRPC processes or in "
-                    "Flower's simulation engine: --mode), and report per round the "
+                    "client and strategy objects (in one process, as gRPC processes, in "
+                    "Flower's simulation engine or on its deployment runtime: --mode), and "
+                    "report per round the "
                     "accuracy (server and per client) and the bytes sent up and down "
                     "(serialised safetensors payloads). Tasks: sentiment (Rotten Tomatoes, "
                     "MiniLM-L6), tweets (3-class tweet sentiment, MiniLM-L6), toy (synthetic, "
@@ -55,9 +56,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", default="in-process", choices=MODES,
                    help="in-process: one Python loop calls Flower's client and strategy "
                         "objects (fastest); process: a Flower server and one process per "
-                        "client over gRPC on localhost; simulation: Flower's simulation "
-                        "engine (needs Ray: pip install 'deltatune[simulation]'). All three "
-                        "give the same numbers for the same seeds")
+                        "client over gRPC on localhost (Flower's legacy start functions); "
+                        "simulation: Flower's simulation engine (needs Ray: pip install "
+                        "'deltatune[simulation]'); deployment: Flower's deployment runtime "
+                        "on localhost (a SuperLink, one SuperNode per client, flwr run). "
+                        "All four give the same numbers for the same seeds")
     p.add_argument("--out", default="lab-runs/federate", help="output directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(handler=run)
@@ -98,6 +101,11 @@ def _federate(args: argparse.Namespace, task, settings: dict, method: str, out: 
         from deltatune.federated.simulation import simulate
 
         return simulate(method, args.task, **sizes, **common).records
+    if args.mode == "deployment":
+        from deltatune.federated.deployment import federate_deployment
+
+        return federate_deployment(method, args.task, out=out / "deployment" / method,
+                                   progress=not args.no_progress, **sizes, **common).records
     from deltatune.federated.run import run_federated
 
     return run_federated(method, task.make_model, task.train, task.test,
@@ -154,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
                               "pip install 'deltatune[simulation]', or use --mode process",
                               field="mode")
     out = Path(args.out)
-    # the three modes give the same numbers (tests/federated), so a finished method is
+    # the four modes give the same numbers (tests/federated), so a finished method is
     # reused whichever mode made it: the mode is not part of the settings compared
     done, seconds = _reusable(out, settings)
     task = load_task(args.task, examples=settings["examples"],

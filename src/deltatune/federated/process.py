@@ -153,6 +153,45 @@ def _read_records(path: Path) -> list:
         return []
 
 
+def follow_rounds(proc: subprocess.Popen, out: Path, rounds: int, desc: str, progress: bool,
+                  on_round: Callable | None, timeout: float) -> None:
+    """Until ``proc`` exits, follow the ``records.json`` its server replaces in ``out`` after
+    every round: a progress bar, and ``on_round`` with the records so far. Raises
+    ``RuntimeError`` after ``timeout`` seconds."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=rounds, desc=desc, disable=not progress)
+    seen: list = []
+    end = time.monotonic() + timeout
+    while True:
+        finished = proc.poll() is not None
+        records = _read_records(out / "records.json")
+        if len(records) > len(seen):
+            bar.update(len(records) - len(seen))
+            bar.set_postfix(acc=f"{records[-1].accuracy:.3f}")
+            seen = records
+            if on_round is not None:
+                on_round(records)
+        if finished:
+            break
+        if time.monotonic() > end:
+            raise RuntimeError(f"the federation did not finish in {timeout:.0f} s; logs in "
+                               f"{out}")
+        time.sleep(0.2)
+    bar.close()
+
+
+def read_result(out: Path) -> FederationResult:
+    """Return the federation a server wrote to ``out``: final global tensors, records and
+    the raw per-round log."""
+    from deltatune.federated.payload import from_bytes
+    from deltatune.federated.recorder import FederationResult
+
+    rounds_log = json.loads((out / "rounds.json").read_text())
+    tensors = from_bytes((out / "global.safetensors").read_bytes())
+    return FederationResult(tensors, _read_records(out / "records.json"), rounds_log)
+
+
 def federate_in_processes(method: str, task: str = "toy", *, clients: int = 2, rounds: int = 1,
                           out: Path, local_epochs: int = 1, non_iid: float | None = None,
                           lr: float = 3e-3, r: int = 4, batch_size: int = 16, seed: int = 0,
@@ -169,11 +208,6 @@ def federate_in_processes(method: str, task: str = "toy", *, clients: int = 2, r
     to ``out`` (``server.log``, ``client-C.log``). Raises ``RuntimeError`` with the server
     log's tail when the server fails.
     """
-    from tqdm import tqdm
-
-    from deltatune.federated.payload import from_bytes
-    from deltatune.federated.recorder import FederationResult
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("records.json", "rounds.json", "global.safetensors"):
@@ -205,33 +239,14 @@ def federate_in_processes(method: str, task: str = "toy", *, clients: int = 2, r
             procs.append(subprocess.Popen([*cmd, "client", "--cid", str(c), "--fault", fault,
                                            *common], env=env, stdout=logs[-1],
                                           stderr=subprocess.STDOUT))
-        bar = tqdm(total=rounds, desc=f"federate {method} (processes)", disable=not progress)
-        seen: list = []
-        end = time.monotonic() + timeout
-        while server.poll() is None:
-            if time.monotonic() > end:
-                raise RuntimeError(f"the federation did not finish in {timeout:.0f} s; "
-                                   f"logs in {out}")
-            records = _read_records(out / "records.json")
-            if len(records) > len(seen):
-                bar.update(len(records) - len(seen))
-                bar.set_postfix(acc=f"{records[-1].accuracy:.3f}")
-                seen = records
-                if on_round is not None:
-                    on_round(records)
-            time.sleep(0.2)
-        bar.close()
+        follow_rounds(server, out, rounds, f"federate {method} (processes)", progress,
+                      on_round, timeout)
         if server.returncode != 0:
             raise RuntimeError(f"the federated server failed (exit code {server.returncode}); "
                                f"its log:\n{_tail(server_log)}")
         for proc in procs[1:]:
             proc.wait(timeout=60)
-        records = _read_records(out / "records.json")
-        if on_round is not None and len(records) > len(seen):
-            on_round(records)
-        rounds_log = json.loads((out / "rounds.json").read_text())
-        tensors = from_bytes((out / "global.safetensors").read_bytes())
-        return FederationResult(tensors, records, rounds_log)
+        return read_result(out)
     finally:
         for proc in procs:
             if proc.poll() is None:

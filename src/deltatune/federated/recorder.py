@@ -1,11 +1,12 @@
-"""What a federated round measured, recorded the same way in all three run modes.
+"""What a federated round measured, recorded the same way in all four run modes.
 
 :class:`RecordingFedAvg` is the :class:`DeltaFedAvg` strategy plus the server-side
 measurements: after ``aggregate_fit`` it loads the new global tensors into the server's
 model and scores it on the held-out test set; after ``aggregate_evaluate`` it adds the
 clients' accuracies on their own test shards and appends one :class:`RoundRecord`. The
 in-process loop calls the two hooks itself; Flower's server calls them in the separate-
-process and simulation modes, so every mode writes the same records for the same seeds.
+process, simulation and deployment modes, so every mode writes the same records for the
+same seeds.
 """
 
 from __future__ import annotations

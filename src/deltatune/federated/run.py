@@ -5,9 +5,9 @@ The server side here calls the real Flower objects directly: each round, every
 payload, the :class:`DeltaFedAvg` strategy's ``aggregate_fit`` receives genuine
 ``flwr.common.FitRes`` values, and each client's ``evaluate`` reports its accuracy. A client
 that raises is passed to ``aggregate_fit`` as a failure, and the round completes with the
-others. The same client and strategy also run as separate processes (:mod:`.process`) and
-in Flower's simulation engine (:mod:`.simulation`, needs Ray); all three give the same
-averaged tensors for the same seeds.
+others. The same client and strategy also run as separate processes (:mod:`.process`),
+in Flower's simulation engine (:mod:`.simulation`, needs Ray) and on its deployment
+runtime (:mod:`.deployment`); all four give the same averaged tensors for the same seeds.
 """
 
 from __future__ import annotations
