@@ -22,20 +22,31 @@ def test_deployment_matches_the_in_process_loop(tmp_path):
     # every process's log is kept, and none of them outlives the federation
     for name in ("superlink.log", "supernode-0.log", "supernode-1.log", "run.log"):
         assert (tmp_path / name).stat().st_size > 0, name
-    assert _processes_mentioning(str(tmp_path)) == []
+    assert _processes_of(tmp_path) == []
 
 
-def _processes_mentioning(text: str) -> list[str]:
-    """Command lines of running processes that contain ``text`` (Linux /proc)."""
+def _processes_of(out: Path) -> list[str]:
+    """Command lines of running processes whose environment's FLWR_HOME lies in ``out``:
+    everything the launcher started, and whatever those started (Linux /proc)."""
+    marker = f"FLWR_HOME={out.resolve()}".encode()
     found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+    for proc in Path("/proc").glob("[0-9]*"):
         try:
-            args = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:  # it ended meanwhile
+            if marker in (proc / "environ").read_bytes():
+                found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except OSError:  # it ended meanwhile, or is not ours
             continue
-        if text in args:
-            found.append(args)
     return found
+
+
+def test_a_failing_server_app_raises_its_error_and_stops_every_process(tmp_path):
+    from deltatune.federated.deployment import federate_deployment
+
+    # the CLI checks method names first; here the ServerApp itself raises on one
+    with pytest.raises(RuntimeError, match="unknown federated method 'nosuchmethod'"):
+        federate_deployment("nosuchmethod", "toy", clients=2, rounds=1, examples=24,
+                            out=tmp_path, timeout=300)
+    assert _processes_of(tmp_path) == []
 
 
 def test_the_app_carries_the_settings_through_the_run_config(tmp_path):

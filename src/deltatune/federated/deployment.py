@@ -13,12 +13,14 @@ no dependencies at run time: the apps run in this Python environment.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -135,16 +137,32 @@ def federate_deployment(method: str, task: str = "toy", *, clients: int = 2, rou
                                f"{_tail(out / 'superlink.log')}")
         return read_result(out)
     finally:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        _stop_sessions(procs)
         for f in logs:
             f.close()
+
+
+def _stop_sessions(procs: list[subprocess.Popen], grace: float = 20.0) -> None:
+    """Stop each process and everything in its session (the app processes the SuperLink
+    and SuperNodes started): SIGTERM, then SIGKILL to what is left after ``grace`` s."""
+    for proc in reversed(procs):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+    end = time.monotonic() + grace
+    for proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=max(0.1, end - time.monotonic()))
+    for proc in procs:
+        while time.monotonic() < end:
+            try:
+                os.killpg(proc.pid, 0)  # anyone left in the session?
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
 
 
 __all__ = ["federate_deployment", "write_app"]
