@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING
 from deltatune.core.errors import ConfigError
 from deltatune.federated.apps import FederationSpec
 from deltatune.federated.process import (
-    _free_port,
-    _tail,
-    _wait_listening,
     follow_rounds,
+    free_port,
     read_result,
+    tail,
+    wait_listening,
 )
 
 if TYPE_CHECKING:
@@ -97,7 +97,7 @@ def federate_deployment(method: str, task: str = "toy", *, clients: int = 2, rou
     app_dir, home = out / "flower-app", out / "flower-home"
     write_app(app_dir, spec, out)
     home.mkdir(exist_ok=True)
-    link_port = _free_port()
+    link_port = free_port()
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "{_CONNECTION}"\n\n[superlink.{_CONNECTION}]\n'
         f'address = "127.0.0.1:{link_port}"\ninsecure = true\n')
@@ -122,10 +122,10 @@ def federate_deployment(method: str, task: str = "toy", *, clients: int = 2, rou
         link = start([_flower_tool("flower-superlink"), "--insecure",
                       "--disable-runtime-dependency-installation", "--port", str(link_port)],
                      "superlink.log")
-        _wait_listening(link_port, link, out / "superlink.log")
+        wait_listening(link_port, link, out / "superlink.log")
         for c in range(clients):
             start([_flower_tool("flower-supernode"), "--insecure", "--superlink",
-                   f"127.0.0.1:{link_port}", "--port", str(_free_port()), "--node-config",
+                   f"127.0.0.1:{link_port}", "--port", str(free_port()), "--node-config",
                    f"partition-id={c}"], f"supernode-{c}.log")
         run = start([_flower_tool("flwr"), "run", ".", _CONNECTION, "--stream"], "run.log",
                     cwd=app_dir)
@@ -133,8 +133,8 @@ def federate_deployment(method: str, task: str = "toy", *, clients: int = 2, rou
                       on_round, timeout)
         if run.returncode != 0 or not (out / "global.safetensors").exists():
             raise RuntimeError(f"flwr run failed (exit code {run.returncode}); its log:\n"
-                               f"{_tail(out / 'run.log')}\nthe SuperLink's:\n"
-                               f"{_tail(out / 'superlink.log')}")
+                               f"{tail(out / 'run.log')}\nthe SuperLink's:\n"
+                               f"{tail(out / 'superlink.log')}")
         return read_result(out)
     finally:
         _stop_sessions(procs)

@@ -27,20 +27,20 @@ def _spec_and_task(context: Context):
 
 
 def _strategy(context: Context):
+    from deltatune.federated.launch import write_json
     from deltatune.federated.payload import to_bytes
-    from deltatune.federated.process import _write_json
 
     spec, task = _spec_and_task(context)
     out = Path(str(context.run_config["out"]))
     out.mkdir(parents=True, exist_ok=True)
 
     def save(records) -> None:
-        _write_json(out / "rounds.json", strategy.log)
+        write_json(out / "rounds.json", strategy.log)
         tmp = out / "global.safetensors.tmp"
         tmp.write_bytes(to_bytes(strategy.reference))
         tmp.replace(out / "global.safetensors")
         # last: the launcher reads the others once it sees this round's record
-        _write_json(out / "records.json", [dataclasses.asdict(r) for r in records])
+        write_json(out / "records.json", [dataclasses.asdict(r) for r in records])
 
     strategy = make_strategy(spec, task, on_round=save)
     return strategy, spec.rounds

@@ -17,15 +17,21 @@ mid-round (``os._exit``) before replying, so the server sees the connection vani
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from deltatune.federated.launch import (
+    follow_rounds,
+    free_port,
+    read_result,
+    tail,
+    wait_listening,
+    write_json,
+)
 
 if TYPE_CHECKING:
     from deltatune.federated.recorder import FederationResult
@@ -61,8 +67,8 @@ def serve(args: argparse.Namespace) -> None:
     task = _task(args)
 
     def save(records) -> None:
-        _write_json(out / "records.json", [dataclasses.asdict(r) for r in records])
-        _write_json(out / "rounds.json", strategy.log)
+        write_json(out / "records.json", [dataclasses.asdict(r) for r in records])
+        write_json(out / "rounds.json", strategy.log)
 
     # the initial global tensors are client 0's initial ones, as in the in-process loop
     ref = global_tensors(prepare(task.make_model(), args.method, args.rank, args.seed),
@@ -71,14 +77,8 @@ def serve(args: argparse.Namespace) -> None:
                                task.test, args.clients, on_round=save)
     fs.start_server(server_address=f"127.0.0.1:{args.port}", strategy=strategy,
                     config=fs.ServerConfig(num_rounds=args.rounds))
-    _write_json(out / "rounds.json", strategy.log)
+    write_json(out / "rounds.json", strategy.log)
     (out / "global.safetensors").write_bytes(to_bytes(strategy.reference))
-
-
-def _write_json(path: Path, body: Any) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(body, indent=2))
-    tmp.replace(path)
 
 
 def client(args: argparse.Namespace) -> None:
@@ -116,82 +116,6 @@ def client(args: argparse.Namespace) -> None:
                     insecure=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_listening(port: int, server: subprocess.Popen, log_path: Path,
-                    limit: float = 300.0) -> None:
-    end = time.monotonic() + limit
-    while time.monotonic() < end:
-        if server.poll() is not None:
-            raise RuntimeError(f"the federated server exited (code {server.returncode}) "
-                               f"before listening; its log:\n{_tail(log_path)}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.5)
-    raise RuntimeError(f"the federated server was not listening on port {port} after "
-                       f"{limit:.0f} s; its log: {log_path}")
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def _read_records(path: Path) -> list:
-    from deltatune.federated.recorder import RoundRecord
-
-    try:
-        return [RoundRecord(**r) for r in json.loads(path.read_text())]
-    except (OSError, ValueError):  # not written yet (the server replaces it atomically)
-        return []
-
-
-def follow_rounds(proc: subprocess.Popen, out: Path, rounds: int, desc: str, progress: bool,
-                  on_round: Callable | None, timeout: float) -> None:
-    """Until ``proc`` exits, follow the ``records.json`` its server replaces in ``out`` after
-    every round: a progress bar, and ``on_round`` with the records so far. Raises
-    ``RuntimeError`` after ``timeout`` seconds."""
-    from tqdm import tqdm
-
-    bar = tqdm(total=rounds, desc=desc, disable=not progress)
-    seen: list = []
-    end = time.monotonic() + timeout
-    while True:
-        finished = proc.poll() is not None
-        records = _read_records(out / "records.json")
-        if len(records) > len(seen):
-            bar.update(len(records) - len(seen))
-            bar.set_postfix(acc=f"{records[-1].accuracy:.3f}")
-            seen = records
-            if on_round is not None:
-                on_round(records)
-        if finished:
-            break
-        if time.monotonic() > end:
-            raise RuntimeError(f"the federation did not finish in {timeout:.0f} s; logs in "
-                               f"{out}")
-        time.sleep(0.2)
-    bar.close()
-
-
-def read_result(out: Path) -> FederationResult:
-    """Return the federation a server wrote to ``out``: final global tensors, records and
-    the raw per-round log."""
-    from deltatune.federated.payload import from_bytes
-    from deltatune.federated.recorder import FederationResult
-
-    rounds_log = json.loads((out / "rounds.json").read_text())
-    tensors = from_bytes((out / "global.safetensors").read_bytes())
-    return FederationResult(tensors, _read_records(out / "records.json"), rounds_log)
-
-
 def federate_in_processes(method: str, task: str = "toy", *, clients: int = 2, rounds: int = 1,
                           out: Path, local_epochs: int = 1, non_iid: float | None = None,
                           lr: float = 3e-3, r: int = 4, batch_size: int = 16, seed: int = 0,
@@ -212,7 +136,7 @@ def federate_in_processes(method: str, task: str = "toy", *, clients: int = 2, r
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("records.json", "rounds.json", "global.safetensors"):
         (out / stale).unlink(missing_ok=True)
-    port = _free_port()
+    port = free_port()
     common = ["--port", str(port), "--task", task, "--method", method,
               "--clients", str(clients), "--rounds", str(rounds),
               "--local-epochs", str(local_epochs), "--rank", str(r), "--lr", repr(lr),
@@ -232,7 +156,7 @@ def federate_in_processes(method: str, task: str = "toy", *, clients: int = 2, r
         server = subprocess.Popen([*cmd, "server", *common], env=env, stdout=logs[-1],
                                   stderr=subprocess.STDOUT)
         procs.append(server)
-        _wait_listening(port, server, server_log)
+        wait_listening(port, server, server_log)
         for c in range(clients):
             logs.append((out / f"client-{c}.log").open("w"))
             fault = (faults or {}).get(c, "none")
@@ -243,7 +167,7 @@ def federate_in_processes(method: str, task: str = "toy", *, clients: int = 2, r
                       on_round, timeout)
         if server.returncode != 0:
             raise RuntimeError(f"the federated server failed (exit code {server.returncode}); "
-                               f"its log:\n{_tail(server_log)}")
+                               f"its log:\n{tail(server_log)}")
         for proc in procs[1:]:
             proc.wait(timeout=60)
         return read_result(out)
