@@ -15,7 +15,8 @@ def test_deployment_matches_the_in_process_loop(tmp_path):
     # pFedPara over 2 rounds: round 2 only matches if each SuperNode's W2 survived round 1
     # in its context.state (the ClientApp is rebuilt for every message)
     got, got_records, log = federate_deployment("pfedpara", "toy", clients=2, rounds=2,
-                                                examples=24, non_iid=1.0, out=tmp_path)
+                                                examples=24, non_iid=1.0, out=tmp_path,
+                                                timeout=600)
     records = assert_matches_in_process_pfedpara(got, got_records)
     assert [r["bytes_up"] for r in log] == [r.bytes_up for r in records]
     assert all(r["clients"] == 2 and r["failures"] == 0 and r["rejected"] == [] for r in log)
