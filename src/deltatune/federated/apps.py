@@ -67,15 +67,12 @@ class FederationSpec:
         values = {}
         for f in fields(cls):
             value = config[f.name.replace("_", "-")]
-            if f.name in _OPTIONAL and value == _UNSET:
+            if f.default is None and value == _UNSET:  # the optional fields default to None
                 value = None
+            elif f.type == "int":  # annotations are strings here (postponed evaluation)
+                value = int(value)
             values[f.name] = value
-        for name in ("clients", "rounds", "local_epochs", "r", "batch_size", "seed"):
-            values[name] = int(values[name])
         return cls(**values)
-
-
-_OPTIONAL = ("non_iid", "examples", "test_examples", "max_length")
 
 
 def make_strategy(spec: FederationSpec, task: Task,

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from deltatune.core.errors import ConfigError
 from deltatune.federated.apps import FederationSpec
-from deltatune.federated.process import (
+from deltatune.federated.launch import (
     follow_rounds,
     free_port,
     read_result,
@@ -88,8 +88,10 @@ def federate_deployment(method: str, task: str = "toy", *, clients: int = 2, rou
     Logs: ``superlink.log``, ``supernode-C.log`` and ``run.log`` (``flwr run``'s stream) in
     ``out``. Raises ``RuntimeError`` with the tail of the failing process's log.
     """
-    spec = FederationSpec(method, task, clients, rounds, local_epochs, non_iid, lr, r,
-                          batch_size, seed, examples, test_examples, max_length)
+    spec = FederationSpec(method=method, task=task, clients=clients, rounds=rounds,
+                          local_epochs=local_epochs, non_iid=non_iid, lr=lr, r=r,
+                          batch_size=batch_size, seed=seed, examples=examples,
+                          test_examples=test_examples, max_length=max_length)
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("records.json", "rounds.json", "global.safetensors"):

@@ -27,7 +27,7 @@ def _spec_and_task(context: Context):
 
 
 def _strategy(context: Context):
-    from deltatune.federated.launch import write_json
+    from deltatune.federated.launch import write_atomic, write_json
     from deltatune.federated.payload import to_bytes
 
     spec, task = _spec_and_task(context)
@@ -36,9 +36,7 @@ def _strategy(context: Context):
 
     def save(records) -> None:
         write_json(out / "rounds.json", strategy.log)
-        tmp = out / "global.safetensors.tmp"
-        tmp.write_bytes(to_bytes(strategy.reference))
-        tmp.replace(out / "global.safetensors")
+        write_atomic(out / "global.safetensors", to_bytes(strategy.reference))
         # last: the launcher reads the others once it sees this round's record
         write_json(out / "records.json", [dataclasses.asdict(r) for r in records])
 

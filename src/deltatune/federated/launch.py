@@ -20,11 +20,16 @@ if TYPE_CHECKING:
     from deltatune.federated.recorder import FederationResult
 
 
-def write_json(path: Path, body: Any) -> None:
-    """Replace ``path`` with ``body`` as JSON atomically (a reader never sees half a file)."""
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(body, indent=2))
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically (a reader never sees half a file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
     tmp.replace(path)
+
+
+def write_json(path: Path, body: Any) -> None:
+    """Replace ``path`` with ``body`` as JSON atomically."""
+    write_atomic(path, json.dumps(body, indent=2).encode())
 
 
 def free_port() -> int:

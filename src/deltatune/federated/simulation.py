@@ -48,8 +48,10 @@ def simulate(method: str, task_name: str = "toy", *, clients: int = 2, rounds: i
     from deltatune.federated.apps import FederationSpec, client_app, make_strategy, server_app
     from deltatune.federated.recorder import FederationResult
 
-    spec = FederationSpec(method, task_name, clients, rounds, local_epochs, non_iid, lr, r,
-                          batch_size, seed, examples, test_examples, max_length)
+    spec = FederationSpec(method=method, task=task_name, clients=clients, rounds=rounds,
+                          local_epochs=local_epochs, non_iid=non_iid, lr=lr, r=r,
+                          batch_size=batch_size, seed=seed, examples=examples,
+                          test_examples=test_examples, max_length=max_length)
     task = spec.load()
     strategy = make_strategy(spec, task, on_round)
     run_simulation(server_app=server_app(lambda context: (strategy, rounds)),
