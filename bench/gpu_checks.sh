@@ -28,7 +28,8 @@ elif [ "$part" = 2 ]; then
 elif [ "$part" = 3 ]; then
     # training against PEFT + Liger: needs the wheel carried in bench/wheels (made here by
     # `pip download --no-deps -d bench/wheels liger-kernel==0.8.5`)
-    pip install --no-deps -q bench/wheels/liger_kernel-*.whl || exit 1
+    python -m pip install --no-deps -q bench/wheels/liger_kernel-*.whl || exit 1
+    python -c "import liger_kernel.transformers" || exit 1
     python bench/gpu_lora.py --train --shapes 1b --ckpt 0 --steps 5 --frameworks deltatune \
         --variants "peft bf16,peft bf16 + Liger,deltatune fast,deltatune fast compiled" \
         > "$out/gpu_lora-liger.log" 2>&1

@@ -370,17 +370,23 @@ def save_results(prefix: str, result: dict) -> None:
 
 
 @contextlib.contextmanager
-def tma_off():
-    """Within: LoRA linears keep cuBLAS for many rows (no TMA GEMM; the A/B rows)."""
-    previous = os.environ.get("DELTATUNE_TMA_LORA")
-    os.environ["DELTATUNE_TMA_LORA"] = "0"
+def env_vars(**values: str):
+    """Within: the given environment variables set (the kernels read them per call)."""
+    previous = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if previous is None:
-            os.environ.pop("DELTATUNE_TMA_LORA")
-        else:
-            os.environ["DELTATUNE_TMA_LORA"] = previous
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key)
+            else:
+                os.environ[key] = value
+
+
+def tma_off():
+    """Within: LoRA linears keep cuBLAS for many rows (no TMA GEMM, no folded weight)."""
+    return env_vars(DELTATUNE_TMA_LORA="0", DELTATUNE_FOLD_LORA="0")
 
 
 def _graph_time(calls, reps: int = 20) -> float:
@@ -660,8 +666,8 @@ def liger_kernels(model):
     try:
         from liger_kernel.transformers import apply_liger_kernel_to_llama
     except ImportError as e:
-        raise RuntimeError("liger-kernel is not installed: carry its wheel (bench/wheels, "
-                           "see this script's docstring)") from e
+        raise RuntimeError(f"liger-kernel cannot be imported ({e}): carry its wheel "
+                           f"(bench/wheels, see this script's docstring)") from e
     from transformers.models.llama import modeling_llama
 
     names = ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP")
@@ -844,6 +850,10 @@ def infer_bench(shape: str, prefill_batch: int, prefill_len: int, decode_tokens:
         net.eval()
         record(fw, "prefill unmerged", timeit(lambda n=net: prefill(n), reps))
         if fw == "deltatune":
+            # the LoRA kernels, as before the folded weight (kernels/fold_lora.py)
+            with env_vars(DELTATUNE_FOLD_LORA="0"):
+                record(fw, "prefill unmerged (LoRA kernels)",
+                       timeit(lambda n=net: prefill(n), reps))
             with tma_off():
                 record(fw, "prefill unmerged (cuBLAS, expand first)",
                        timeit(lambda n=net: prefill(n), reps))
@@ -1171,7 +1181,8 @@ def summary() -> None:
             def s(name, fw=fw, shape=shape):
                 return get(section="infer", shape=shape, framework=fw, name=name)
             log(f"infer {shape} {fw:<10} prefill unmerged/merged "
-                f"{div(s('prefill unmerged'), s('prefill merged')):.3f} (<=1.05)  "
+                f"{div(s('prefill unmerged'), s('prefill merged')):.3f} (<=1.05; LoRA kernels "
+                f"{div(s('prefill unmerged (LoRA kernels)'), s('prefill merged')):.3f})  "
                 f"mixed-4/base {div(s('prefill mixed-4'), s('prefill base')):.3f}  "
                 f"mixed-32/base {div(s('prefill mixed-32'), s('prefill base')):.3f}  "
                 f"throughput mixed-32 vs unmerged "

@@ -3,7 +3,8 @@
     PYTHONPATH=src python bench/profile_gaps.py [SECTION ...]   # CUDA only; JSON to
                                                   # bench/results/ and $OUT; default: all
 
-Three sections, each against its reference in the same run:
+Sections, each against its reference in the same run (also `fold`, `shrink` and
+`tma_host`, probes described in their docstrings):
 - layer: one adapted 4096 -> 14336 linear at 16384 rows, forward + backward, frozen and
   fast, the kernels of each;
 - prefill: the 1B shape at 32 x 512 tokens: base, unmerged, merged, and the same two with
@@ -26,12 +27,14 @@ from gpu_lora import (  # the bench helpers: models, timing, results
     RESULTS,
     attach_dt,
     build,
+    env_vars,
     environment,
     layer_bench,
     log,
     lora_params,
     profile_replay,
     randomize,
+    rel,
     save_results,
     sync,
     time_step,
@@ -139,6 +142,9 @@ def prefill_gaps(reps: int) -> None:
                     if "lora_B" in n:
                         p.zero_()
         record("prefill", f"unmerged{label}", timeit(lambda: prefill(net), reps))
+        with env_vars(DELTATUNE_FOLD_LORA="0"):
+            record("prefill", f"unmerged{label}, LoRA kernels (no fold)",
+                   timeit(lambda: prefill(net), reps))
         if not label:
             profile_replay(lambda: prefill(net), "prefill unmerged", top=16)
         net.merge()
@@ -257,6 +263,48 @@ def shrink_probe() -> None:
                x_read_gbs=round(gbs))
 
 
+def fold_probe() -> None:
+    """One adapter on many rows, per linear shape of the 1B and 8B models: the merged GEMM,
+    the LoRA kernels (the default before folding) and the folded scratch weight
+    (kernels/fold_lora.py), at 1024 to 16384 rows; the crossover sets the fold policy."""
+    from triton.testing import do_bench
+
+    from deltatune.kernels import fold_lora
+    from deltatune.kernels.lora_linear import lora_linear
+
+    d, dtype = torch.device("cuda"), torch.bfloat16
+    shapes = ((2048, 2048), (2048, 512), (2048, 8192), (8192, 2048),
+              (4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096))
+    for d_in, d_out in shapes:
+        torch.manual_seed(0)
+        w = torch.randn(d_out, d_in, device=d, dtype=dtype) * 0.02
+        a = torch.randn(16, d_in, device=d, dtype=dtype) * 0.02
+        b = torch.randn(d_out, 16, device=d, dtype=dtype) * 0.02
+        merged = torch.addmm(w, b, a, alpha=2.0)
+        for rows in (1024, 2048, 4096, 8192, 16384):
+            x = torch.randn(rows, d_in, device=d, dtype=dtype)
+
+            def call(x=x, w=w, a=a, b=b):
+                return lora_linear(x, w, None, a, b, 2.0)
+
+            def gemm(x=x, merged=merged):
+                return torch.nn.functional.linear(x, merged)
+            with torch.no_grad():
+                ref = gemm()
+                with env_vars(DELTATUNE_FOLD_LORA="always"):
+                    err = rel(call(), ref)
+                    fold = do_bench(call, warmup=10, rep=50)
+                with env_vars(DELTATUNE_FOLD_LORA="0"):
+                    kernels = do_bench(call, warmup=10, rep=50)
+                base = do_bench(gemm, warmup=10, rep=50)
+            record("fold", f"{d_in}->{d_out} rows {rows}", fold * 1e-3,
+                   merged_ms=round(base, 4), kernels_ms=round(kernels, 4),
+                   fold_over_merged=round(fold / base, 3),
+                   kernels_over_merged=round(kernels / base, 3),
+                   fold_over_kernels=round(fold / kernels, 3),
+                   policy=fold_lora.pays(rows, d_in, d_out), rel_err=f"{err:.1e}")
+
+
 def tma_host() -> None:
     """Where the host's time goes in one TMA LoRA GEMM call (cProfile of 50 calls, and
     its parts timed alone): the GPU idles while the host prepares a step's first launch."""
@@ -312,7 +360,8 @@ def main() -> None:
     RESULTS["environment"]["command"] = " ".join(["PYTHONPATH=src python bench/profile_gaps.py",
                                                   *sys.argv[1:]])
     try:
-        sections = {"tma_host": tma_host, "shrink": shrink_probe, "layer": layer_kernels,
+        sections = {"fold": fold_probe, "tma_host": tma_host, "shrink": shrink_probe,
+                    "layer": layer_kernels,
                     "prefill": lambda: prefill_gaps(5), "generate": lambda: generate_phases(5)}
         chosen = sys.argv[1:] or list(sections)
         for section in (sections[name] for name in chosen):

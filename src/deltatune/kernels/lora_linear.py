@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from deltatune.kernels import lora_grad, tma_lora, triton_lora
+from deltatune.kernels import fold_lora, lora_grad, tma_lora, triton_lora
 from deltatune.kernels.shared_input_shrink import SHARED_INPUTS
 
 # see _fused_forward (taken above SMALL_M rows); False: base GEMM first, then addmm_ (the
@@ -134,7 +134,9 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     CUDA-graph decoding (:class:`~deltatune.kernels.graph_decode.GraphDecoder`), up to
     :data:`~deltatune.kernels.triton_lora.SMALL_M` rows on CUDA take one Triton kernel
     that computes the whole sum (:func:`~deltatune.kernels.triton_lora.lora_matmul`)
-    where it measured faster (:func:`~deltatune.kernels.triton_lora.pays`).
+    where it measured faster (:func:`~deltatune.kernels.triton_lora.pays`). Above it, one
+    adapter on many rows may be folded into a scratch weight for one GEMM
+    (:mod:`~deltatune.kernels.fold_lora`).
     """
     if not torch.is_grad_enabled() or not any(
             t is not None and t.requires_grad for t in (x, weight, bias, A, B)):
@@ -143,6 +145,10 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                 x, weight, A.shape[0]):
             y, _ = triton_lora.lora_matmul(x.reshape(rows, x.shape[-1]), weight, bias, A, B,
                                            float(scale))
+            return y.view(*x.shape[:-1], weight.shape[0])
+        x2 = x.reshape(rows, x.shape[-1])
+        if rows > triton_lora.SMALL_M and fold_lora.applies(x2, weight):
+            y = fold_lora.folded_linear(x2, weight, bias, A, B, float(scale))
             return y.view(*x.shape[:-1], weight.shape[0])
         return _fused_forward(x, weight, bias, A, B, float(scale), share=True)[0]
     return LoraLinearFunction.apply(x, weight, bias, A, B, float(scale))
