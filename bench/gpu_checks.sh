@@ -30,10 +30,10 @@ elif [ "$part" = 3 ]; then
     # `pip download --no-deps -d bench/wheels liger-kernel==0.8.5`)
     python -m pip install --no-deps -q bench/wheels/liger_kernel-*.whl || exit 1
     python -c "import liger_kernel.transformers" || exit 1
-    python bench/gpu_lora.py --train --shapes 1b --ckpt 0 --steps 5 --frameworks deltatune \
-        --variants "peft bf16,peft bf16 + Liger,deltatune fast,deltatune fast compiled" \
+    python bench/gpu_lora.py --train --shapes 1b --ckpt 0,1 --steps 5 --frameworks deltatune \
+        --variants "peft bf16 + Liger,deltatune fast + Liger,deltatune fast,deltatune fast compiled" \
         > "$out/gpu_lora-liger.log" 2>&1
-    grep -E "train 1b" "$out/gpu_lora-liger.log" | tail -6
+    grep -E "^train 1b" "$out/gpu_lora-liger.log" | tail -10
 else
     echo "usage: bash bench/gpu_checks.sh 1|2|3" >&2
     exit 2

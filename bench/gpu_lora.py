@@ -11,7 +11,9 @@ Sections (each optional):
            without gradient checkpointing; peft default (fp32 adapters), peft with bf16
            adapters, deltatune plain path, deltatune fast path (+ fused CE), full FT;
            "peft bf16 + Liger" (in --variants) adds Liger's kernels (RMSNorm, RoPE,
-           SwiGLU, fused linear + cross-entropy) to peft with bf16 adapters when the
+           SwiGLU, fused linear + cross-entropy) to peft with bf16 adapters, and
+           "deltatune fast + Liger" Liger's RMSNorm, RoPE and SwiGLU to deltatune
+           (deltatune.integrations.liger, its own loss kept), when the
            liger-kernel wheel is carried: here `pip download --no-deps -d bench/wheels
            liger-kernel==0.8.5`, then on the GPU machine (carry bench/wheels)
            `pip install --no-deps bench/wheels/*.whl` before this script;
@@ -45,12 +47,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import deltatune as dt
+from deltatune.integrations.liger import liger_kernels as dt_liger_kernels
 from deltatune.kernels import fast_path
-from deltatune.kernels.fused_ce import (
-    causal_lm_loss,
-    fused_linear_cross_entropy,
-    linear_cross_entropy_reference,
-)
+from deltatune.kernels.fused_ce import fused_linear_cross_entropy, linear_cross_entropy_reference
+from deltatune.kernels.head_loss import causal_lm_loss
 from deltatune.kernels.lora_linear import lora_linear, lora_linear_reference
 from deltatune.kernels.multi_lora import AdapterBank, multi_lora_concat, multi_lora_reference
 
@@ -694,7 +694,11 @@ def train_bench(shape: str, batch: int, seq: int, steps: int, variants: list[str
         patches = contextlib.ExitStack()
         if variant.endswith("+ Liger"):
             try:
-                patches.enter_context(liger_kernels(model))
+                # PEFT gets Liger's loss too (fused linear + CE); deltatune keeps its own
+                # and takes Liger's layers through the library (TrainConfig.liger_kernel)
+                patches.enter_context(
+                    dt_liger_kernels(model) if variant.startswith("deltatune")
+                    else liger_kernels(model))
             except Exception as e:  # not carried, or this transformers is not supported
                 RESULTS["rows"].append(dict(
                     section="train", shape=shape, name=variant, checkpointing=checkpointing,

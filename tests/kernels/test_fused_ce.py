@@ -9,10 +9,10 @@ import deltatune as dt
 from deltatune.kernels import fast_path
 from deltatune.kernels.fused_ce import (
     FusedLinearCrossEntropy,
-    causal_lm_loss,
     fused_linear_cross_entropy,
     linear_cross_entropy_reference,
 )
+from deltatune.kernels.head_loss import causal_lm_loss
 from tests.conftest import randomize_deltas, tiny_llama, token_batch
 
 

@@ -15,11 +15,8 @@ input dtype, then float32 for log-softmax, as Hugging Face's causal LM loss does
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 IGNORE_INDEX = -100
 
@@ -38,7 +35,16 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _chunk_rows(vocab: int, budget: int = 1 << 28) -> int:
+# One chunk's logits exist three times at once at the loss's peak, which is the whole
+# step's (every layer's activations are held): bf16 logits, their float32 log-softmax,
+# the bf16 gradient. At 2^28 values (2048 tokens of a 128k vocabulary) that was ~1.5 GiB
+# on top of the activations, 2.6 GiB above PEFT + Liger's peak on an H200 (run
+# 20261201-222336); 2^26 values (512 tokens, Liger's chunk at that shape) keep it at
+# ~0.4 GiB with GEMMs of 512 x 128k still large enough to run at full speed.
+CHUNK_VALUES = 1 << 26
+
+
+def _chunk_rows(vocab: int, budget: int = CHUNK_VALUES) -> int:
     """Tokens per chunk so that one float32 chunk of logits holds about ``budget`` values."""
     return max(1, min(8192, budget // max(vocab, 1)))
 
@@ -117,53 +123,11 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
 
     ``hidden`` is (tokens, dim), ``weight`` (vocab, dim), ``targets`` (tokens,) with
     ``ignore_index`` marking tokens that are not counted. ``chunk`` tokens are processed
-    at a time (default: about 2^28 float32 logits per chunk).
+    at a time (default: about 2^26 float32 logits per chunk, :data:`CHUNK_VALUES`).
     """
     chunk = chunk or _chunk_rows(weight.shape[0])
     return FusedLinearCrossEntropy.apply(hidden, weight, bias, targets, ignore_index, chunk)
 
 
-def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
-                   attention_mask: torch.Tensor | None = None, chunk: int | None = None,
-                   **kwargs: Any) -> torch.Tensor:
-    """Return a causal LM's next-token loss (as ``model(..., labels=labels).loss``).
-
-    Runs the backbone, then :func:`fused_linear_cross_entropy` on the output head, so the
-    logits are never materialised. Labels are shifted by one inside, ``-100`` is ignored.
-    Falls back to the model's own loss when the head carries a live delta, is not a plain
-    linear layer, or the config post-processes logits (soft-capping, logit scale).
-    """
-    from deltatune.core.layers import DeltaLayer  # local: kernels import without core
-    from deltatune.core.model import DeltaModel
-
-    lm = model.model if isinstance(model, DeltaModel) else model
-    head = lm.get_output_embeddings()
-    config = getattr(lm, "config", None)
-    post = any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale"))
-    live_head = isinstance(head, DeltaLayer) and not head.disabled and any(
-        n not in head.merged for n in head.active)
-    if isinstance(head, DeltaLayer) and not live_head:
-        head = head.base
-    if post or live_head or not isinstance(head, nn.Linear):
-        return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                     **kwargs).loss
-    backbone = lm.get_decoder()
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                      **kwargs).last_hidden_state
-    # Shift by padding the targets, not slicing the hidden states (no copy of them):
-    # the last position of each row predicts nothing and is ignored.
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
-    h = hidden.reshape(-1, hidden.shape[-1])
-    loss = fused_linear_cross_entropy(h, head.weight, head.bias, targets, chunk=chunk)
-    if isinstance(model, DeltaModel) and model.training:
-        # As DeltaModel.forward: regularisers of the active deltas join the loss.
-        for name in model.active:
-            delta = model.get_delta(name)
-            extra = delta.method.extra_loss(lm, delta)
-            if extra is not None:
-                loss = loss + extra
-    return loss
-
-
-__all__ = ["FusedLinearCrossEntropy", "causal_lm_loss", "fused_linear_cross_entropy",
-           "linear_cross_entropy_reference"]
+__all__ = ["CHUNK_VALUES", "IGNORE_INDEX", "FusedLinearCrossEntropy",
+           "fused_linear_cross_entropy", "linear_cross_entropy_reference"]

@@ -40,6 +40,8 @@ import torch.nn.functional as F
 
 from deltatune import metrics
 from deltatune.core.errors import ConfigError, DataError
+from deltatune.kernels import fast_path_enabled
+from deltatune.kernels.head_loss import causal_lm_loss_sum
 from deltatune.kernels.sampling import Sampling
 from deltatune.tasks.base import (
     IGNORE,
@@ -128,7 +130,9 @@ class CausalLMBase(Task):
 
         A packed batch (with ``segment_ids``) is run with a block-diagonal causal mask or,
         on flash/flex attention, flattened with restarting position ids
-        (:func:`deltatune.tasks.packing.packed_forward_inputs`).
+        (:func:`deltatune.tasks.packing.packed_forward_inputs`). On the fast path (CUDA by
+        default, :mod:`deltatune.kernels`) the logits are never materialised
+        (:func:`deltatune.kernels.head_loss.causal_lm_loss_sum`) where the head allows.
         """
         labels = batch["labels"]
         if "segment_ids" in batch:
@@ -137,9 +141,14 @@ class CausalLMBase(Task):
             kwargs, flat = packed_forward_inputs(model, batch)
             if flat:
                 labels = labels.reshape(1, -1)
-            out = model(**kwargs)
         else:
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if fast_path_enabled(labels):
+            # the head and the loss chunk by chunk, never the whole (tokens x vocab) logits
+            summed = causal_lm_loss_sum(model, labels, lambda: model(**kwargs))
+            if summed is not None:
+                return summed
+        out = model(**kwargs)
         logits = out.logits[:, :-1].float()
         labels = labels[:, 1:].to(logits.device)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),

@@ -51,6 +51,8 @@ class TrainConfig:
     seed: int = 0
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
+    # Liger-Kernel's RMSNorm, RoPE and SwiGLU kernels during fit (integrations/liger.py)
+    liger_kernel: bool = False
     # causal LM: several examples per row, attention kept inside each (tasks/packing.py)
     packing: bool = False
     eval_every: int | None = None

@@ -323,8 +323,20 @@ class Trainer:
         ``resume``: None (start fresh), ``"auto"`` (newest complete checkpoint under
         ``output_dir``, if any; torn ones are skipped and reported), or a checkpoint
         directory. On SIGINT/SIGTERM a checkpoint is written and
-        :class:`TrainingInterrupted` is raised.
+        :class:`TrainingInterrupted` is raised. With ``liger_kernel`` the model runs
+        Liger-Kernel's kernels during the run only (:mod:`deltatune.integrations.liger`).
         """
+        if not self.config.liger_kernel:
+            return self._fit(resume)
+        from deltatune.integrations.liger import apply_liger
+
+        undo = apply_liger(self.raw_model)
+        try:
+            return self._fit(resume)
+        finally:
+            undo()
+
+    def _fit(self, resume: str | os.PathLike[str] | None) -> TrainResult:
         start = time.perf_counter()
         notes: list[str] = []
         resumed_from = None
