@@ -73,3 +73,18 @@ def assert_rows_match_alone(dm: dt.DeltaModel, inputs: dict[str, torch.Tensor],
             dm.activate(name)
             alone = logits(dm, row)
         assert torch.allclose(mixed[i:i + 1], alone, atol=atol), name
+
+
+def count_calls(monkeypatch: Any, owner: Any, name: str) -> dict[str, int]:
+    """Replace ``owner.name`` by a wrapper that counts its calls and still runs it; return
+    the counter (``{"n": calls}``), read after the code under test ran."""
+    calls = {"n": 0}
+    real = getattr(owner, name)
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+

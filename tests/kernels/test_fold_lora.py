@@ -9,6 +9,7 @@ import deltatune as dt
 from deltatune.kernels import fast_path, fold_lora
 from deltatune.kernels.lora_linear import lora_linear, lora_linear_reference
 from tests.conftest import randomize_deltas, tiny_gpt2, tiny_llama
+from tests.helpers import count_calls
 
 
 def _rel(a, b):
@@ -24,15 +25,7 @@ def _tensors(dtype, rows=96, d_in=24, d_out=40, r=4, seed=0):
 @pytest.fixture
 def spy(monkeypatch):
     """Counts the folded calls (the real function still computes them)."""
-    calls = {"n": 0}
-    real = fold_lora.folded_linear
-
-    def counted(*args):
-        calls["n"] += 1
-        return real(*args)
-
-    monkeypatch.setattr(fold_lora, "folded_linear", counted)
-    return calls
+    return count_calls(monkeypatch, fold_lora, "folded_linear")
 
 
 def test_folded_linear_is_the_formula_in_float64():

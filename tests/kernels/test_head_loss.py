@@ -12,6 +12,7 @@ from deltatune.kernels.head_loss import causal_lm_loss_sum, plain_head
 from deltatune.methods.prompt import PromptTuningConfig
 from deltatune.tasks import CausalLMSFT
 from tests.conftest import randomize_deltas, tiny_gpt2, tiny_llama
+from tests.helpers import count_calls
 from tests.tiny_tokenizer import char_tokenizer
 
 ROWS = [{"prompt": f"q{i}", "response": "abcdefg"[: 1 + i % 6]} for i in range(6)]
@@ -52,16 +53,9 @@ def test_task_loss_and_gradients_equal_the_logits_path(monkeypatch, factory, pac
     task = _task()
     examples = task.encode_rows(ROWS)
     batch = task.collate(task.pack_examples(examples) if packed else examples)
-    calls = {"n": 0}
     from deltatune.kernels import head_loss
 
-    real = head_loss.fused_linear_cross_entropy
-
-    def counted(*args, **kw):
-        calls["n"] += 1
-        return real(*args, **kw)
-
-    monkeypatch.setattr(head_loss, "fused_linear_cross_entropy", counted)
+    calls = count_calls(monkeypatch, head_loss, "fused_linear_cross_entropy")
     (ref, n_ref, g_ref), (got, n_got, g_got) = _both(dm, batch)
     assert calls["n"] == 1  # the fused path ran (once, for the "on" pass)
     assert n_got == n_ref > 0 and got.dtype == torch.float32

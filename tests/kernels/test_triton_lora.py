@@ -22,6 +22,7 @@ from deltatune.kernels import fast_path, multi_lora, triton_lora
 from deltatune.kernels.lora_linear import lora_linear, lora_linear_reference
 from deltatune.kernels.multi_lora import multi_lora_reference, stack_padded
 from tests.conftest import randomize_deltas, tiny_gpt2, tiny_llama, token_batch
+from tests.helpers import count_calls
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                 reason="triton is not installed")
@@ -335,14 +336,7 @@ def test_mixed_prompt_rows_take_the_add_layouts_when_asked(dev, monkeypatch):
     monkeypatch.setattr(triton_lora, "SMALL_M", 8)
     dm = _two_loras(tiny_llama(), dev)
     ids, names = token_batch(3, 5).to(dev), ["a", None, "b"]  # 15 rows > 8
-    adds = {"n": 0}
-    group = triton_lora.bgmv_add_group
-
-    def counted(*a, **k):
-        adds["n"] += 1
-        return group(*a, **k)
-
-    monkeypatch.setattr(triton_lora, "bgmv_add_group", counted)
+    adds = count_calls(monkeypatch, triton_lora, "bgmv_add_group")
     for prompt_rows, used in (("0", False), ("64", True)):
         monkeypatch.setenv("DELTATUNE_TRITON_PROMPT_ROWS", prompt_rows)
         for _ in range(2):  # the second pass runs the groups the first one showed

@@ -22,8 +22,6 @@ folds wherever it applies (tests, CPU).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
@@ -42,19 +40,9 @@ ROWS_PER_WEIGHT = 4.0
 SMALL_WEIGHT = 2048 * 4096
 MIN_ROWS = 1024
 
-_MODES = {"auto": "auto", "0": "off", "off": "off", "false": "off", "1": "always",
-          "always": "always", "true": "always"}
-
-
 def mode() -> str:
     """The policy from ``DELTATUNE_FOLD_LORA``: ``"auto"`` (default), ``"off"`` or ``"always"``."""
-    value = os.environ.get("DELTATUNE_FOLD_LORA", "auto").strip().lower()
-    chosen = _MODES.get(value)
-    if chosen is None:
-        triton_lora.warn_once(f"DELTATUNE_FOLD_LORA={value!r} is not one of auto, 0, always: "
-                              f"using auto")
-        chosen = "auto"
-    return chosen
+    return triton_lora.auto_off_always("DELTATUNE_FOLD_LORA")
 
 
 def pays(rows: int, d_in: int, d_out: int) -> bool:

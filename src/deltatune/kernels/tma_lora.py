@@ -22,7 +22,6 @@ wherever the layout allows (tests; on the CPU through Triton's interpreter).
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -41,18 +40,8 @@ MAX_RANK = 64
 _INTERPRETER_CONFIG = (32, 32, 32, 1, 4)
 
 
-_MODES = {"auto": "auto", "0": "off", "off": "off", "false": "off", "1": "always",
-          "always": "always", "true": "always"}
-
-
 def _mode() -> str:
-    value = os.environ.get("DELTATUNE_TMA_LORA", "auto").strip().lower()
-    mode = _MODES.get(value)
-    if mode is None:
-        triton_lora.warn_once(f"DELTATUNE_TMA_LORA={value!r} is not one of auto, 0, always: "
-                              f"using auto")
-        mode = "auto"
-    return mode
+    return triton_lora.auto_off_always("DELTATUNE_TMA_LORA")
 
 
 def _aligned(t: torch.Tensor) -> bool:

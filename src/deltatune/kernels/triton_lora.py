@@ -148,6 +148,21 @@ def warn_once(message: str) -> None:
     warnings.warn(message, stacklevel=3)
 
 
+_AUTO_OFF_ALWAYS = {"auto": "auto", "0": "off", "off": "off", "false": "off", "1": "always",
+                    "always": "always", "true": "always"}
+
+
+def auto_off_always(variable: str) -> str:
+    """Read a kernel policy from environment ``variable``: ``"auto"`` (unset), ``"off"``
+    (0/off/false) or ``"always"`` (1/always/true); anything else warns once and is auto."""
+    value = os.environ.get(variable, "auto").strip().lower()
+    mode = _AUTO_OFF_ALWAYS.get(value)
+    if mode is None:
+        warn_once(f"{variable}={value!r} is not one of auto, 0, always: using auto")
+        mode = "auto"
+    return mode
+
+
 def capturing() -> bool:
     """True while the current CUDA stream is capturing a graph (memory taken now belongs
     to that graph's pool; nothing may be read back to the host)."""
