@@ -53,6 +53,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     # Liger-Kernel's RMSNorm, RoPE and SwiGLU kernels during fit (integrations/liger.py)
     liger_kernel: bool = False
+    # each decoder layer torch.compile'd in place during fit (train/compile.py)
+    compile_layers: bool = False
     # causal LM: several examples per row, attention kept inside each (tasks/packing.py)
     packing: bool = False
     eval_every: int | None = None

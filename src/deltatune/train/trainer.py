@@ -324,17 +324,20 @@ class Trainer:
         ``output_dir``, if any; torn ones are skipped and reported), or a checkpoint
         directory. On SIGINT/SIGTERM a checkpoint is written and
         :class:`TrainingInterrupted` is raised. With ``liger_kernel`` the model runs
-        Liger-Kernel's kernels during the run only (:mod:`deltatune.integrations.liger`).
+        Liger-Kernel's kernels (:mod:`deltatune.integrations.liger`), with
+        ``compile_layers`` its decoder layers compiled (:mod:`deltatune.train.compile`),
+        both during the run only.
         """
-        if not self.config.liger_kernel:
-            return self._fit(resume)
-        from deltatune.integrations.liger import apply_liger
+        with contextlib.ExitStack() as restore:
+            if self.config.liger_kernel:
+                from deltatune.integrations.liger import apply_liger
 
-        undo = apply_liger(self.raw_model)
-        try:
+                restore.callback(apply_liger(self.raw_model))
+            if self.config.compile_layers:
+                from deltatune.train.compile import compile_layers
+
+                restore.callback(compile_layers(self.raw_model))
             return self._fit(resume)
-        finally:
-            undo()
 
     def _fit(self, resume: str | os.PathLike[str] | None) -> TrainResult:
         start = time.perf_counter()
