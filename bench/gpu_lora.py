@@ -53,6 +53,7 @@ from deltatune.kernels.fused_ce import fused_linear_cross_entropy, linear_cross_
 from deltatune.kernels.head_loss import causal_lm_loss
 from deltatune.kernels.lora_linear import lora_linear, lora_linear_reference
 from deltatune.kernels.multi_lora import AdapterBank, multi_lora_concat, multi_lora_reference
+from deltatune.train.compile import compile_layers
 
 PEAK_TFLOPS = 989.0  # H100/H200 SXM dense bf16 datasheet figure, the MFU denominator
 SHAPES = {
@@ -728,8 +729,11 @@ def train_bench(shape: str, batch: int, seq: int, steps: int, variants: list[str
 
             torch._dynamo.reset()
             counters.clear()  # per-variant counts
-            for layer in decoder_layers(net):
-                layer.compile()
+            if isinstance(net, dt.DeltaModel):
+                compile_layers(net)  # what TrainConfig(compile_layers=True) runs
+            else:
+                for layer in decoder_layers(net):
+                    layer.compile()
         net.train()
         opt = torch.optim.AdamW(params, lr=1e-5, fused=d.type == "cuda")
         mode = "off" if variant.startswith("deltatune plain") else "on" if d.type == "cpu" \
