@@ -134,6 +134,9 @@ def test_config_validation_names_the_field():
         TrainConfig.from_dict({"epoch": 3})
     with pytest.raises(ConfigError, match="batch_size must be a positive int"):
         TrainConfig(batch_size=0)
+    for switch in ("liger_kernel", "compile_layers", "gradient_checkpointing"):
+        with pytest.raises(ConfigError, match=f"{switch} must be true or false, got 'yes'"):
+            TrainConfig(**{switch: "yes"})
     assert TrainConfig.from_dict(TrainConfig(lr=3e-4).to_dict()) == TrainConfig(lr=3e-4)
 
 

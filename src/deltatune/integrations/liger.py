@@ -81,7 +81,7 @@ def apply_liger(model: nn.Module, *, rope: bool = True, rms_norm: bool = True,
     changed_modules: list[tuple[nn.Module, dict[str, Any], set[str]]] = []
     for module, before in modules_before.items():
         now = vars(module)
-        old = {k: v for k, v in before.items() if now.get(k, v) is not v or k not in now}
+        old = {k: v for k, v in before.items() if k not in now or now[k] is not v}
         added = set(now) - set(before)
         if old or added:
             changed_modules.append((module, old, added))

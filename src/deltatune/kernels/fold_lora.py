@@ -40,6 +40,7 @@ ROWS_PER_WEIGHT = 4.0
 SMALL_WEIGHT = 2048 * 4096
 MIN_ROWS = 1024
 
+
 def mode() -> str:
     """The policy from ``DELTATUNE_FOLD_LORA``: ``"auto"`` (default), ``"off"`` or ``"always"``."""
     return triton_lora.auto_off_always("DELTATUNE_FOLD_LORA")

@@ -17,6 +17,7 @@ Batches of varying length recompile until dynamo marks the length dynamic; packi
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
@@ -41,7 +42,7 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
-def compile_layers(model: nn.Module, **options) -> Callable[[], None]:
+def compile_layers(model: nn.Module, **options: Any) -> Callable[[], None]:
     """Compile every decoder layer of ``model`` in place (``nn.Module.compile(**options)``).
 
     Returns a function that puts the layers back to eager.

@@ -103,9 +103,10 @@ class TrainConfig:
                     (hi is not None and v > hi) or v != v:
                 rng = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
                 raise ConfigError(f"{name} must be a number {rng}, got {v!r}", field=name)
-        if not isinstance(self.packing, bool):
-            raise ConfigError(f"packing must be true or false, got {self.packing!r}",
-                              field="packing")
+        for name in ("packing", "gradient_checkpointing", "liger_kernel", "compile_layers"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}",
+                                  field=name)
         if self.lr == 0:
             raise ConfigError("lr must be > 0", field="lr")
         betas = tuple(self.betas)
