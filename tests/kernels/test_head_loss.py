@@ -8,7 +8,7 @@ from torch import nn
 
 import deltatune as dt
 from deltatune.kernels import fast_path
-from deltatune.kernels.head_loss import causal_lm_loss_sum, plain_head
+from deltatune.kernels.head_loss import PLAIN_HEAD_TYPES, causal_lm_loss_sum, plain_head
 from deltatune.methods.prompt import PromptTuningConfig
 from deltatune.tasks import CausalLMSFT
 from tests.conftest import randomize_deltas, tiny_gpt2, tiny_llama
@@ -151,3 +151,34 @@ def test_cuda_task_loss_by_default_needs_less_memory_and_matches():
     (ref, n_ref, peak_ref), (got, n_got, peak_got) = results["off"], results["auto"]
     assert n_got == n_ref and abs(got - ref) < 1e-2 * abs(ref)
     assert peak_got < 0.5 * peak_ref
+
+
+_TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+             pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_TINY_BY_TYPE = {
+    "gpt2": dict(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                 bos_token_id=1, eos_token_id=2),
+    "opt": dict(vocab_size=96, hidden_size=32, ffn_dim=48, num_hidden_layers=2,
+                num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=64,
+                pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "gpt_neox": dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=64, bos_token_id=1,
+                     eos_token_id=2),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(PLAIN_HEAD_TYPES))
+def test_every_listed_architecture_returns_its_heads_input_unchanged(model_type):
+    # the allowlist's promise: with the head swapped out, the model's loss is unchanged
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, **_TINY_BY_TYPE.get(model_type, _TINY))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    assert plain_head(model) is not None
+    ids = torch.randint(3, 90, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(input_ids=ids, labels=ids).loss
+        total, count = causal_lm_loss_sum(model, ids, lambda: model(input_ids=ids))
+    assert count == 18 and abs(total.item() / count - ref.item()) < 1e-5 * ref.item()
