@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import deltatune as dt
@@ -52,3 +53,52 @@ def test_hf_trainer_trains_a_delta_that_saves_and_reloads(tmp_path):
         assert torch.equal(v, saved[k]), k
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits, trained_logits)
+
+
+def _train_with(trainer_class, tmp_path, ids, labels):
+    from torch.utils.data import Dataset
+    from transformers import TrainingArguments
+
+    class Rows(Dataset):
+        def __len__(self):
+            return len(ids)
+
+        def __getitem__(self, i):
+            return {"input_ids": ids[i], "labels": labels[i]}
+
+    torch.manual_seed(0)
+    dm = dt.attach(tiny_llama(), dt.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear"))
+    args = TrainingArguments(output_dir=str(tmp_path / trainer_class.__name__), max_steps=4,
+                             per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                             learning_rate=0.02, report_to=[], save_strategy="no",
+                             logging_steps=1, use_cpu=True, remove_unused_columns=False,
+                             disable_tqdm=True, seed=0)
+    trainer = trainer_class(model=dm, args=args, train_dataset=Rows())
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return dm.delta_state_dict(), losses, trainer
+
+
+def test_delta_tune_trainer_loss_without_logits_trains_as_the_hf_loss(tmp_path, monkeypatch):
+    # same data, seeds and accumulation: the fused loss (labels partly -100, so the
+    # accumulated token count matters) gives Trainer's own losses and the same delta
+    from transformers import Trainer
+
+    from deltatune.integrations.hf_trainer import DeltaTuneTrainer, DeltaTuneTrainerCallback
+    from deltatune.kernels import fast_path, head_loss
+    from tests.helpers import count_calls
+
+    ids = model_inputs("llama", batch=8, length=9)["input_ids"]
+    labels = ids.clone()
+    labels[::2, :5] = -100  # prompts masked in half the rows
+    with fast_path("on"):
+        ref_state, ref_losses, _ = _train_with(Trainer, tmp_path, ids, labels)
+        calls = count_calls(monkeypatch, head_loss, "fused_linear_cross_entropy")
+        state, losses, trainer = _train_with(DeltaTuneTrainer, tmp_path, ids, labels)
+    assert calls["n"] == 8  # 4 steps x 2 micro-batches, every one fused
+    assert any(isinstance(cb, DeltaTuneTrainerCallback)
+               for cb in trainer.callback_handler.callbacks)
+    assert len(losses) == len(ref_losses) == 4
+    assert losses == [pytest.approx(x, rel=1e-5) for x in ref_losses]
+    for k, v in ref_state.items():
+        assert ((state[k] - v).norm() / v.norm()).item() < 1e-4, k

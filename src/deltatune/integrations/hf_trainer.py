@@ -1,8 +1,10 @@
-"""Drive deltatune's step callbacks (AdaLoRA's budget schedule...) from Hugging Face ``Trainer``.
+"""Hugging Face ``Trainer`` with deltatune: step callbacks, and a loss without the logits.
 
     dm = dt.attach(model, dt.AdaLoraConfig(...))
     trainer = Trainer(model=dm, args=args, train_dataset=ds,
                       callbacks=[DeltaTuneTrainerCallback(dm)])
+    # or, the same plus the causal-LM loss through the fused head + cross-entropy:
+    trainer = DeltaTuneTrainer(model=dm, args=args, train_dataset=ds)
 
 ``Trainer`` calls ``on_optimizer_step`` after ``optimizer.step()`` and before the
 gradients are zeroed, which is where :class:`~deltatune.core.callbacks.StepCallback`
@@ -14,7 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import TrainerCallback
+import torch
+from transformers import Trainer, TrainerCallback
 
 from deltatune.core.errors import DeltaStateError
 
@@ -52,3 +55,50 @@ class DeltaTuneTrainerCallback(TrainerCallback):
         for cb in self.callbacks:
             cb.on_optimizer_step(self.delta_model, int(state.global_step) + 1)
         return control
+
+
+class DeltaTuneTrainer(Trainer):
+    """``transformers.Trainer`` that adds :class:`DeltaTuneTrainerCallback` and computes a
+    causal LM's loss without forming the logits on the fast path (CUDA by default).
+
+    The loss is :func:`deltatune.kernels.head_loss.causal_lm_loss_sum` over the batch's
+    ``labels`` (shifted inside, ``-100`` ignored), normalised as ``Trainer`` normalises the
+    model's own loss: by ``num_items_in_batch`` (the tokens of the whole accumulated
+    batch) where ``Trainer`` passes it to the model, else by this batch's tokens. Label
+    smoothing, a ``compute_loss_func``, ``return_outputs`` (evaluation with predictions)
+    and heads the fused path does not take keep ``Trainer``'s own computation.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not any(isinstance(cb, DeltaTuneTrainerCallback)
+                   for cb in self.callback_handler.callbacks):
+            self.add_callback(DeltaTuneTrainerCallback())
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        """Return the batch's loss (see the class); ``Trainer.compute_loss`` where the fused
+        path does not apply."""
+        from deltatune.kernels import fast_path_enabled
+        from deltatune.kernels.head_loss import causal_lm_loss_sum, with_regularisers
+
+        labels = inputs.get("labels")
+        if (return_outputs or not isinstance(labels, torch.Tensor)
+                or self.label_smoother is not None or self.compute_loss_func is not None
+                or not fast_path_enabled(labels)):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        rest = {k: v for k, v in inputs.items() if k != "labels"}
+        summed = causal_lm_loss_sum(model, labels, lambda: model(**rest))
+        if summed is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        total, count = summed
+        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            loss = total / num_items_in_batch
+            if self.args.average_tokens_across_devices:
+                # as Trainer.compute_loss: the global count is divided back per process
+                per_process = self.accelerator.num_processes // self.get_tp_size()
+                loss = loss * (per_process if self.args.n_gpu <= 1 else self.args.n_gpu)
+        else:
+            loss = total / max(count, 1)
+        return with_regularisers(self.accelerator.unwrap_model(model), loss)
+

@@ -137,7 +137,6 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
     apply, the model's own loss is returned. For a DeltaModel in training mode the active
     deltas' regularisers join the loss, as in its forward.
     """
-    from deltatune.core.model import DeltaModel
 
     def call() -> Any:
         return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
@@ -147,7 +146,14 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
         return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
                      **kwargs).loss
     total, count = summed
-    loss = total / max(count, 1)
+    return with_regularisers(model, total / max(count, 1))
+
+
+def with_regularisers(model: nn.Module, loss: torch.Tensor) -> torch.Tensor:
+    """Return ``loss`` plus the active deltas' regularisers when ``model`` is a DeltaModel
+    in training mode: what its forward adds to a loss the model computes itself."""
+    from deltatune.core.model import DeltaModel
+
     if isinstance(model, DeltaModel) and model.training:
         for name in model.active:
             delta = model.get_delta(name)
@@ -157,4 +163,5 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
     return loss
 
 
-__all__ = ["PLAIN_HEAD_TYPES", "causal_lm_loss", "causal_lm_loss_sum", "plain_head"]
+__all__ = ["PLAIN_HEAD_TYPES", "causal_lm_loss", "causal_lm_loss_sum", "plain_head",
+           "with_regularisers"]
