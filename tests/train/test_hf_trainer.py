@@ -9,21 +9,26 @@ import deltatune as dt
 from tests.conftest import model_inputs, tiny_llama
 
 
-def test_hf_trainer_trains_a_delta_that_saves_and_reloads(tmp_path):
+def _rows(ids, labels):
+    """A map-style data set of {"input_ids", "labels"} rows, as Trainer takes."""
     from torch.utils.data import Dataset
-    from transformers import Trainer, TrainingArguments
-
-    from deltatune.integrations.hf_trainer import DeltaTuneTrainerCallback
-
-    ids = model_inputs("llama", batch=8, length=9)["input_ids"]
 
     class Rows(Dataset):
         def __len__(self):
             return len(ids)
 
         def __getitem__(self, i):
-            return {"input_ids": ids[i], "labels": ids[i]}
+            return {"input_ids": ids[i], "labels": labels[i]}
 
+    return Rows()
+
+
+def test_hf_trainer_trains_a_delta_that_saves_and_reloads(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from deltatune.integrations.hf_trainer import DeltaTuneTrainerCallback
+
+    ids = model_inputs("llama", batch=8, length=9)["input_ids"]
     torch.manual_seed(0)
     dm = dt.attach(tiny_llama(), dt.LoraConfig(r=2, lora_alpha=4,
                                                target_modules=["q_proj", "v_proj", "up_proj"]))
@@ -33,7 +38,7 @@ def test_hf_trainer_trains_a_delta_that_saves_and_reloads(tmp_path):
                              per_device_train_batch_size=4, learning_rate=0.02, report_to=[],
                              save_strategy="no", logging_strategy="no", use_cpu=True,
                              remove_unused_columns=False, disable_tqdm=True, seed=0)
-    Trainer(model=dm, args=args, train_dataset=Rows(),
+    Trainer(model=dm, args=args, train_dataset=_rows(ids, ids),
             callbacks=[DeltaTuneTrainerCallback(dm)]).train()
     dm.eval()
     with torch.no_grad():
@@ -56,15 +61,7 @@ def test_hf_trainer_trains_a_delta_that_saves_and_reloads(tmp_path):
 
 
 def _train_with(trainer_class, tmp_path, ids, labels):
-    from torch.utils.data import Dataset
     from transformers import TrainingArguments
-
-    class Rows(Dataset):
-        def __len__(self):
-            return len(ids)
-
-        def __getitem__(self, i):
-            return {"input_ids": ids[i], "labels": labels[i]}
 
     torch.manual_seed(0)
     dm = dt.attach(tiny_llama(), dt.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear"))
@@ -73,7 +70,7 @@ def _train_with(trainer_class, tmp_path, ids, labels):
                              learning_rate=0.02, report_to=[], save_strategy="no",
                              logging_steps=1, use_cpu=True, remove_unused_columns=False,
                              disable_tqdm=True, seed=0)
-    trainer = trainer_class(model=dm, args=args, train_dataset=Rows())
+    trainer = trainer_class(model=dm, args=args, train_dataset=_rows(ids, labels))
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return dm.delta_state_dict(), losses, trainer
