@@ -47,7 +47,7 @@ def test_patches_norms_mlps_and_rope_then_undoes_everything():
         ref = dm(input_ids=ids).logits
     before = _state(dm.model)
     rope = modeling_llama.apply_rotary_pos_emb
-    with liger_kernels(dm):
+    with liger_kernels(dm, require_cuda=False):  # patched, not run
         layer = dm.model.model.layers[0]
         assert layer.mlp.forward.__func__ is LigerSwiGLUMLP.forward
         assert layer.input_layernorm.forward.__func__ is LigerRMSNorm.forward
@@ -71,13 +71,19 @@ def test_a_module_carrying_a_delta_is_refused_and_nothing_stays_changed():
     m.model.norm = DeltaLayer(m.model.norm)  # as a method that tunes the final norm would
     before = _state(m)
     with pytest.raises(ConfigError, match="carry a delta"):
-        apply_liger(m)
+        apply_liger(m, require_cuda=False)
     _same(before, _state(m))
 
 
 def test_missing_package_and_unsupported_architecture_are_clear_errors(monkeypatch):
     with pytest.raises(ConfigError, match="has no kernels for model type 'gpt2'"):
         apply_liger(tiny_gpt2())
+    # on the CPU Liger's kernels would fail in the first forward: refused before patching
+    model = tiny_llama()
+    before = _state(model)
+    with pytest.raises(ConfigError, match="run on CUDA GPUs, and this model is on cpu"):
+        apply_liger(model)
+    _same(before, _state(model))
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", None)
     with pytest.raises(ConfigError, match="pip install liger-kernel"):
         apply_liger(tiny_llama())

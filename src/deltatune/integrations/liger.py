@@ -50,13 +50,14 @@ def _inner(model: nn.Module) -> nn.Module:
 
 
 def apply_liger(model: nn.Module, *, rope: bool = True, rms_norm: bool = True,
-                swiglu: bool = True) -> Callable[[], None]:
+                swiglu: bool = True, require_cuda: bool = True) -> Callable[[], None]:
     """Patch ``model`` (a DeltaModel or a Hugging Face model) with Liger's kernels.
 
     Returns a function that undoes every change (the architecture module's globals and
     the modules' attributes). Raises :class:`ConfigError` when liger-kernel is missing,
-    has no kernels for the architecture, or would replace the forward of a module that
-    carries a delta (then nothing stays changed).
+    has no kernels for the architecture, would replace the forward of a module that
+    carries a delta (then nothing stays changed), or, with ``require_cuda``, when the
+    model is not on a CUDA GPU (Liger's Triton kernels would fail in its first forward).
     """
     from deltatune.core.layers import DeltaLayer
 
@@ -68,6 +69,12 @@ def apply_liger(model: nn.Module, *, rope: bool = True, rms_norm: bool = True,
         raise ConfigError(f"Liger-Kernel has no kernels for model type {model_type!r}; it "
                           f"has: {', '.join(sorted(functions))}. Leave liger_kernel off",
                           field="liger_kernel")
+    if require_cuda:
+        devices = sorted({p.device.type for p in lm.parameters()})
+        if devices != ["cuda"]:
+            raise ConfigError(f"liger_kernel=True: Liger-Kernel's Triton kernels run on CUDA "
+                              f"GPUs, and this model is on {', '.join(devices) or 'no device'};"
+                              f" leave liger_kernel off here", field="liger_kernel")
     modeling = sys.modules[type(lm).__module__]
     globals_before = dict(vars(modeling))
     modules_before = {m: dict(vars(m)) for m in lm.modules()}
