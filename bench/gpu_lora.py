@@ -47,7 +47,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import deltatune as dt
-from deltatune.integrations.liger import liger_kernels as dt_liger_kernels
+from deltatune.integrations.liger import liger_kernels
 from deltatune.kernels import fast_path
 from deltatune.kernels.fused_ce import fused_linear_cross_entropy, linear_cross_entropy_reference
 from deltatune.kernels.head_loss import causal_lm_loss
@@ -639,14 +639,6 @@ def layer_bench(tokens: int, reps: int) -> None:
 
 
 # --------------------------------------------------------------------------- train
-def decoder_layers(net) -> list[nn.Module]:
-    """The decoder layers of a Llama under deltatune, peft or nothing."""
-    inner = net
-    while not hasattr(inner, "layers"):
-        inner = inner.model if hasattr(inner, "model") else inner.base_model
-    return list(inner.layers)
-
-
 def dynamo_counts() -> dict:
     """torch._dynamo's compile counters: frames compiled, graphs, recompiles (guard failures)."""
     from torch._dynamo.utils import counters
@@ -664,29 +656,6 @@ def count_flops(shape: str, n_params: int, seq: int) -> float:
     return 4 * n_params + attn
 
 
-@contextlib.contextmanager
-def liger_kernels(model):
-    """Within: ``model`` (an HF Llama) runs Liger's RMSNorm, RoPE, SwiGLU and fused linear
-    + cross-entropy. Liger also patches transformers' Llama module globally; that is undone
-    on exit, so the variants built after this one are plain HF again."""
-    try:
-        from liger_kernel.transformers import apply_liger_kernel_to_llama
-    except ImportError as e:
-        raise RuntimeError(f"liger-kernel cannot be imported ({e}): carry its wheel "
-                           f"(bench/wheels, see this script's docstring)") from e
-    from transformers.models.llama import modeling_llama
-
-    names = ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP")
-    saved = {name: getattr(modeling_llama, name) for name in names}
-    try:
-        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True,
-                                    fused_linear_cross_entropy=True, model=model)
-        yield model
-    finally:
-        for name, value in saved.items():
-            setattr(modeling_llama, name, value)
-
-
 def train_bench(shape: str, batch: int, seq: int, steps: int, variants: list[str],
                 checkpointing: bool) -> None:
     d = dev()
@@ -701,10 +670,9 @@ def train_bench(shape: str, batch: int, seq: int, steps: int, variants: list[str
         if variant.endswith("+ Liger"):
             try:
                 # PEFT gets Liger's loss too (fused linear + CE); deltatune keeps its own
-                # and takes Liger's layers through the library (TrainConfig.liger_kernel)
-                patches.enter_context(
-                    dt_liger_kernels(model) if variant.startswith("deltatune")
-                    else liger_kernels(model))
+                # (what TrainConfig.liger_kernel runs)
+                patches.enter_context(liger_kernels(
+                    model, liger_loss=not variant.startswith("deltatune")))
             except Exception as e:  # not carried, or this transformers is not supported
                 RESULTS["rows"].append(dict(
                     section="train", shape=shape, name=variant, checkpointing=checkpointing,
@@ -734,11 +702,7 @@ def train_bench(shape: str, batch: int, seq: int, steps: int, variants: list[str
 
             torch._dynamo.reset()
             counters.clear()  # per-variant counts
-            if isinstance(net, dt.DeltaModel):
-                compile_layers(net)  # what TrainConfig(compile_layers=True) runs
-            else:
-                for layer in decoder_layers(net):
-                    layer.compile()
+            compile_layers(net)  # what TrainConfig(compile_layers=True) runs (PEFT too)
         net.train()
         opt = torch.optim.AdamW(params, lr=1e-5, fused=d.type == "cuda")
         mode = "off" if variant.startswith("deltatune plain") else "on" if d.type == "cpu" \

@@ -136,3 +136,12 @@ def test_cuda_forward_and_gradients_with_liger_match_without():
     assert abs(got - ref) < 1e-4 * abs(ref)
     for a, b in zip(grads, ref_grads):
         assert ((a - b).norm() / b.norm()).item() < 1e-3
+
+
+def test_liger_loss_patches_the_models_forward_and_is_undone_too():
+    m = tiny_llama()
+    before = _state(m)
+    with liger_kernels(m, liger_loss=True, require_cuda=False):
+        assert "forward" in vars(m)  # Liger's fused linear + CE forward, on the instance
+    _same(before, _state(m))
+    assert "forward" not in vars(m)

@@ -484,11 +484,9 @@ class DeltaModel(WrapperModule):
         with self._routing(delta_names):
             output = model_delta.align_outputs(self.model, self.model(*args, **kwargs), edit)
         if self.training and getattr(output, "loss", None) is not None:
-            for n in self._active:
-                delta = self._deltas[n]
-                extra = delta.method.extra_loss(self.model, delta)
-                if extra is not None:
-                    output.loss = output.loss + extra
+            extra = self.extra_loss()
+            if extra is not None:
+                output.loss = output.loss + extra
         return output
 
     def generate(self, *args: Any, delta_names: Sequence[str | None] | None = None,

@@ -11,8 +11,9 @@ linear, docs/performance.md) deltatune with Liger's kernels took 0.205 s per ste
 Liger patches the modeling module of the model's architecture (module-level functions and
 classes) and the model's modules (their ``forward``). :func:`apply_liger` records what it
 changed and returns a function that puts it back; :func:`liger_kernels` does both around a
-block. Liger's loss (fused linear + cross-entropy) is left off: the causal LM task already
-computes its loss without the logits (:mod:`deltatune.kernels.head_loss`).
+block. Liger's loss (fused linear + cross-entropy) is off by default (``liger_loss``):
+the causal LM task already computes its loss without the logits
+(:mod:`deltatune.kernels.head_loss`).
 
 A module that carries a delta itself (a norm tuned by a delta, say) would lose it to
 Liger's forward: that is refused before anything stays changed.
@@ -50,14 +51,18 @@ def _inner(model: nn.Module) -> nn.Module:
 
 
 def apply_liger(model: nn.Module, *, rope: bool = True, rms_norm: bool = True,
-                swiglu: bool = True, require_cuda: bool = True) -> Callable[[], None]:
+                swiglu: bool = True, liger_loss: bool = False,
+                require_cuda: bool = True) -> Callable[[], None]:
     """Patch ``model`` (a DeltaModel or a Hugging Face model) with Liger's kernels.
 
     Returns a function that undoes every change (the architecture module's globals and
-    the modules' attributes). Raises :class:`ConfigError` when liger-kernel is missing,
-    has no kernels for the architecture, would replace the forward of a module that
-    carries a delta (then nothing stays changed), or, with ``require_cuda``, when the
-    model is not on a CUDA GPU (Liger's Triton kernels would fail in its first forward).
+    the modules' attributes). ``liger_loss`` also lets Liger's fused linear +
+    cross-entropy compute the loss the model's forward returns for ``labels`` (for loops
+    that use the model's own loss; deltatune's tasks form theirs without it). Raises
+    :class:`ConfigError` when liger-kernel is missing, has no kernels for the
+    architecture, would replace the forward of a module that carries a delta (then
+    nothing stays changed), or, with ``require_cuda``, when the model is not on a CUDA
+    GPU (Liger's Triton kernels would fail in its first forward).
     """
     from deltatune.core.layers import DeltaLayer
 
@@ -79,7 +84,7 @@ def apply_liger(model: nn.Module, *, rope: bool = True, rms_norm: bool = True,
     globals_before = dict(vars(modeling))
     modules_before = {m: dict(vars(m)) for m in lm.modules()}
     wanted: dict[str, Any] = dict(rope=rope, rms_norm=rms_norm, swiglu=swiglu, model=lm,
-                                  cross_entropy=False, fused_linear_cross_entropy=False)
+                                  cross_entropy=False, fused_linear_cross_entropy=liger_loss)
     accepted = inspect.signature(patch).parameters
     patch(**{k: v for k, v in wanted.items() if k in accepted})
 

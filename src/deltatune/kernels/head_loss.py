@@ -154,13 +154,8 @@ def with_regularisers(model: nn.Module, loss: torch.Tensor) -> torch.Tensor:
     in training mode: what its forward adds to a loss the model computes itself."""
     from deltatune.core.model import DeltaModel
 
-    if isinstance(model, DeltaModel) and model.training:
-        for name in model.active:
-            delta = model.get_delta(name)
-            extra = delta.method.extra_loss(model.model, delta)
-            if extra is not None:
-                loss = loss + extra
-    return loss
+    extra = model.extra_loss() if isinstance(model, DeltaModel) and model.training else None
+    return loss if extra is None else loss + extra
 
 
 __all__ = ["PLAIN_HEAD_TYPES", "causal_lm_loss", "causal_lm_loss_sum", "plain_head",
